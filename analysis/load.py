@@ -1,0 +1,260 @@
+"""Turn sweep runs into one tidy, typed DataFrame (one row per run).
+
+Two sources describe the same runs: the ``result.json`` each grid point writes
+and its offline W&B run (id = run_id, group = sweep, same config and summary).
+Both are reduced to records shaped like ``result.json`` and go through
+``runs_frame``, so the same runs give equal frames whichever source is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# Nullable pandas dtypes, so a missing value never changes a column's type
+# (a plain int column would silently become float at the first gap).
+COLUMNS: dict[str, str] = {
+    "sweep": "string",
+    "run_id": "string",
+    "status": "string",
+    "error": "string",
+    "sections": "string",
+    "sections_include": "string",
+    "trunc": "float64",
+    "truncation_mode": "string",
+    "cut_after_think": "boolean",
+    "loss": "string",
+    "kd_ratio": "float64",
+    "temperature": "float64",
+    "teacher": "string",
+    "student": "string",
+    "dataset": "string",
+    "seed": "Int64",
+    # FLOPs overflow int64 for large models, so they stay floats.
+    "train_flops": "float64",
+    "train_flops_student": "float64",
+    "train_flops_teacher": "float64",
+    "train_time_s": "float64",
+    "peak_memory_bytes": "Int64",
+    "tokens_trained": "Int64",
+    "tokens_supervised": "Int64",
+    "tokens_padded": "Int64",
+    "examples_skipped": "Int64",
+    "accuracy": "float64",
+    "accuracy_stderr": "float64",
+}
+
+# Column prefix and dtype for each per-benchmark summary key eval/<bench>/<metric>.
+BENCHMARK_METRICS: dict[str, tuple[str, str]] = {
+    "accuracy": ("acc", "float64"),
+    "stderr": ("stderr", "float64"),
+    "n": ("n", "Int64"),
+    "generated_tokens": ("gen_tokens", "Int64"),
+}
+
+# Where each config-derived column lives in the resolved config.
+_CONFIG_PATHS: dict[str, tuple[str, ...]] = {
+    "trunc": ("trunc",),
+    "truncation_mode": ("truncation", "mode"),
+    "cut_after_think": ("truncation", "cut_after_think"),
+    "loss": ("loss", "name"),
+    "kd_ratio": ("loss", "kd_ratio"),
+    "temperature": ("loss", "temperature"),
+    "teacher": ("model", "teacher", "name_or_path"),
+    "student": ("model", "student", "name_or_path"),
+    "dataset": ("data", "name"),
+    "seed": ("seed",),
+}
+_SUMMARY_COLUMNS = [c for c in COLUMNS if c.startswith(("train_", "peak_", "tokens_", "examples_"))]
+_SUMMARY_COLUMNS += ["accuracy", "accuracy_stderr"]
+
+# W&B run states mapped onto result.json statuses; others (crashed, running) are kept.
+_WANDB_STATUS = {"finished": "ok", "failed": "failed"}
+
+_ENTITY_PROJECT = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _get(tree: Mapping | None, path: tuple[str, ...]) -> Any:
+    """Value at a key path of a nested dict; also accepts a dotted flat key."""
+    if not isinstance(tree, Mapping):
+        return None
+    dotted = ".".join(path)
+    if dotted in tree:  # configs flattened by some loggers
+        return tree[dotted]
+    node: Any = tree
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _flatten(tree: Mapping | None, prefix: str = "") -> dict[str, Any]:
+    """Nested summary dicts to '/'-joined keys: W&B may nest what result.json keeps flat."""
+    flat: dict[str, Any] = {}
+    if not isinstance(tree, Mapping):
+        return flat
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _sections(config: Mapping | None) -> tuple[Any, Any]:
+    """(preset name, 'CoT+A'-style include string) from the sections config."""
+    node = _get(config, ("sections",))
+    if isinstance(node, str):  # a bare preset name
+        return node, None
+    include = _get(config, ("sections", "include"))
+    if isinstance(include, (list, tuple)):
+        include = "+".join(str(part) for part in include)
+    return _get(config, ("sections", "name")), include
+
+
+def _row(record: Mapping) -> dict[str, Any]:
+    config = record.get("config") or {}
+    summary = _flatten(record.get("summary"))
+    row: dict[str, Any] = {
+        "sweep": record.get("sweep"),
+        "run_id": record.get("run_id"),
+        "status": record.get("status"),
+        "error": record.get("error"),
+    }
+    row["sections"], row["sections_include"] = _sections(config)
+    row.update({col: _get(config, path) for col, path in _CONFIG_PATHS.items()})
+    row.update({col: summary.get(col) for col in _SUMMARY_COLUMNS})
+    for bench, metric, value in _benchmark_items(summary):
+        row[f"{BENCHMARK_METRICS[metric][0]}_{bench}"] = value
+    return row
+
+
+def _benchmark_items(summary: Mapping) -> Iterable[tuple[str, str, Any]]:
+    """(benchmark, metric, value) for each eval/<benchmark>/<metric> summary key."""
+    for key, value in summary.items():
+        parts = key.split("/")
+        if len(parts) >= 3 and parts[0] == "eval" and parts[-1] in BENCHMARK_METRICS:
+            yield "/".join(parts[1:-1]), parts[-1], value
+
+
+def _clean(value: Any, dtype: str) -> Any:
+    """Bring one raw JSON value to something the column dtype accepts, else None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        if dtype == "string":
+            return value if isinstance(value, str) else json.dumps(value)
+        if dtype == "boolean":
+            if isinstance(value, str):
+                return {"true": True, "false": False}.get(value.strip().lower())
+            return bool(value)
+        if dtype == "Int64":
+            number = float(value)
+            fits = number.is_integer() and abs(number) < 2**63
+            return int(number) if fits else None
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None  # a malformed value is missing data, not a reason to fail
+
+
+def runs_frame(records: list[dict]) -> pd.DataFrame:
+    """One typed row per run record (result.json shape), sorted by (sweep, run_id)."""
+    rows = [_row(record) for record in records]
+    benches = sorted({bench for record in records
+                      for bench, _, _ in _benchmark_items(_flatten(record.get("summary")))})
+    # Every benchmark gets all four columns, grouped per benchmark, in name order.
+    dtypes = dict(COLUMNS)
+    dtypes.update({f"{prefix}_{bench}": dtype for bench in benches
+                   for prefix, dtype in BENCHMARK_METRICS.values()})
+    data = {col: pd.Series([_clean(row.get(col), dtype) for row in rows], dtype=dtype)
+            for col, dtype in dtypes.items()}
+    frame = pd.DataFrame(data, columns=list(dtypes))
+    if not frame.empty:
+        frame = frame.sort_values(["sweep", "run_id"], na_position="last", kind="stable")
+    return frame.reset_index(drop=True)
+
+
+def read_result_records(sweep_dir) -> list[dict]:
+    """Every readable result.json below sweep_dir; unreadable ones are logged and skipped."""
+    records = []
+    for path in sorted(Path(sweep_dir).rglob("result.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("%s: skipped, not readable as JSON (%s)", path, exc)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            log.warning("%s: skipped, not a JSON object", path)
+    return records
+
+
+def load_results(sweep_dir) -> pd.DataFrame:
+    """Frame of every result.json below sweep_dir (jobs that never wrote one are absent)."""
+    return runs_frame(read_result_records(sweep_dir))
+
+
+def wandb_record(run) -> dict:
+    """An OfflineRun as a result.json-shaped record."""
+    summary = dict(run.summary)
+    # result.json keeps the error message outside the summary; a W&B run only has it
+    # if the trainer also put it in the summary.
+    error = summary.pop("error", None)
+    return {
+        "run_id": run.run_id,
+        "sweep": run.group,
+        "status": _WANDB_STATUS.get(run.state, run.state),
+        "error": error,
+        "config": run.config,
+        "summary": summary,
+    }
+
+
+def load_offline_wandb(root) -> pd.DataFrame:
+    """Frame of every offline W&B run below root; corrupt logs are logged and skipped."""
+    # Imported here: it needs wandb's protobufs, which result.json users may not have.
+    from analysis.wandb_offline import find_runs, read_run
+
+    records = []
+    for file in find_runs(root):
+        try:
+            records.append(wandb_record(read_run(file)))
+        except ValueError as exc:  # one damaged log should not hide the whole sweep
+            log.warning("skipped offline W&B run: %s", exc)
+    return runs_frame(records)
+
+
+def _has_wandb_runs(root: Path) -> bool:
+    from analysis.wandb_offline import find_runs
+
+    return bool(find_runs(root))
+
+
+def load(source) -> pd.DataFrame:
+    """Runs frame from a sweep directory (result.json files) or offline W&B runs."""
+    path = Path(source)
+    if path.is_dir():
+        if next(path.rglob("result.json"), None) is not None:
+            return load_results(path)
+        if _has_wandb_runs(path):
+            return load_offline_wandb(path)
+        raise FileNotFoundError(f"{path}: no result.json files and no offline W&B runs below it")
+    if path.exists():
+        raise NotADirectoryError(f"{path}: expected a sweep directory or a W&B run directory")
+    if _ENTITY_PROJECT.match(str(source)):
+        raise NotImplementedError(
+            f"{source!r} is not a local path and looks like a W&B 'entity/project'; "
+            "loading online W&B projects is not supported yet - sync or point at a local "
+            "sweep directory or offline W&B runs instead")
+    raise FileNotFoundError(f"{path}: no such directory")

@@ -1,0 +1,160 @@
+"""Accuracy / cost trade-off plot of a sweep.
+
+Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so no
+GUI backend is needed and nothing touches pyplot's global figure list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from analysis.stats import mean_stderr, pareto_front
+
+AXIS_LABELS = {
+    "train_flops": "training FLOPs",
+    "train_time_s": "training time (s)",
+    "peak_memory_bytes": "peak memory (bytes)",
+    "tokens_trained": "tokens trained",
+    "tokens_supervised": "supervised tokens",
+    "accuracy": "accuracy",
+}
+MAX_LISTED_IDS = 12  # keeps the footnote to a line or two
+
+
+def axis_label(column: str) -> str:
+    if column in AXIS_LABELS:
+        return AXIS_LABELS[column]
+    if column.startswith("acc_"):
+        return f"accuracy on {column[len('acc_'):]}"
+    return column
+
+
+def stderr_column(y: str) -> str:
+    """Column holding the standard error of metric y."""
+    if y == "accuracy":
+        return "accuracy_stderr"
+    if y.startswith("acc_"):
+        return "stderr_" + y[len("acc_"):]
+    return f"{y}_stderr"
+
+
+def preset_labels(df: pd.DataFrame) -> pd.Series:
+    """Sections preset name per row, with the included sections appended where one
+    name covers several combinations (the 'custom' preset), so lines stay apart."""
+    names = df["sections"].astype(object).where(df["sections"].notna(), "unknown") \
+        if "sections" in df else pd.Series("unknown", index=df.index, dtype=object)
+    if "sections_include" not in df:
+        return names
+    include = df["sections_include"].astype(object)
+    ambiguous = include.groupby(names).transform(lambda s: s.nunique(dropna=False) > 1)
+    return names.where(~ambiguous.astype(bool), names + " (" + include.fillna("?") + ")")
+
+
+def _points(ok: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """One point per (sections, trunc).
+
+    Several seeds of a grid point are averaged and their spread gives the error
+    bar; a single run keeps the stderr its evaluation reported.
+    """
+    err = stderr_column(y)
+    rows = []
+    labels = preset_labels(ok)
+    for (preset, trunc), group in ok.groupby([labels, ok["trunc"]], dropna=False, sort=True):
+        ys = group[y].astype(float)
+        if len(group) > 1:
+            mean, yerr = mean_stderr(ys)
+        else:
+            mean = float(ys.iloc[0])
+            yerr = float(group[err].iloc[0]) if err in group and pd.notna(group[err].iloc[0]) \
+                else np.nan
+        rows.append({"sections": preset,
+                     "trunc": trunc, x: float(group[x].astype(float).mean()), y: mean,
+                     "yerr": yerr})
+    return pd.DataFrame(rows, columns=["sections", "trunc", x, y, "yerr"])
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
+def _footnote(df: pd.DataFrame, dropped: int) -> str:
+    """Which runs are not in the plot, and why."""
+    status = df["status"].astype(object) if "status" in df else pd.Series(["ok"] * len(df))
+    failed = df[~status.isin(["ok", "running"]).to_numpy()]
+    lines = []
+    if len(failed):
+        run_ids = failed["run_id"] if "run_id" in failed else pd.Series([None] * len(failed))
+        ids = [str(i) for i in run_ids.astype(object).fillna("?")]
+        shown = ", ".join(ids[:MAX_LISTED_IDS]) + (", ..." if len(ids) > MAX_LISTED_IDS else "")
+        lines.append(f"{_runs(len(failed))} failed, not shown: {shown}")
+    if dropped:
+        lines.append(f"{_runs(dropped)} ok but without x/y values, not shown")
+    return "\n".join(lines)
+
+
+def _draw_front(ax: Axes, points: pd.DataFrame, x: str, y: str) -> None:
+    front = pareto_front(points, x=x, y=y)
+    if front.empty:
+        return
+    ax.plot(front[x], front[y], linestyle="--", color="grey", linewidth=1, zorder=1,
+            label="Pareto frontier")
+    ax.scatter(front[x], front[y], s=140, facecolors="none", edgecolors="black",
+               linewidths=1, zorder=3)
+
+
+def plot_tradeoff(df: pd.DataFrame, ax: Axes | None = None, x: str = "train_flops",
+                  y: str = "accuracy") -> Axes:
+    """Metric y against cost x (log scale), one line per sections preset.
+
+    Only ok runs are drawn; failed runs are listed in a footnote.
+    """
+    if ax is None:
+        ax = Figure(figsize=(7, 4.5), layout="constrained").subplots()
+    status = df["status"] if "status" in df else pd.Series(["ok"] * len(df), index=df.index)
+    ok = df[(status == "ok").fillna(False).to_numpy()]
+    usable = ok[(pd.to_numeric(ok[x], errors="coerce") > 0).fillna(False).to_numpy()
+                & pd.to_numeric(ok[y], errors="coerce").notna().to_numpy()]
+    points = _points(usable, x, y)
+
+    for preset, line in points.groupby("sections", sort=True):
+        line = line.sort_values(x)
+        ax.errorbar(line[x], line[y], yerr=line["yerr"].fillna(0), marker="o", capsize=3,
+                    linewidth=1.5, markersize=5, zorder=2, label=preset)
+        for _, p in line.iterrows():
+            ax.annotate(f"trunc={p['trunc']:g}", (p[x], p[y]), xytext=(4, 4),
+                        textcoords="offset points", fontsize=7)
+    _draw_front(ax, points, x, y)
+
+    ax.set_xscale("log")
+    ax.set_xlabel(axis_label(x))
+    ax.set_ylabel(axis_label(y))
+    ax.grid(True, which="major", alpha=0.3)
+    if not points.empty:
+        ax.legend(title="sections", fontsize=8, title_fontsize=8)
+    note = _footnote(df, len(ok) - len(usable))
+    if note:
+        # Below the x label, in axes coordinates so it follows the axes size.
+        ax.annotate(note, xy=(0, 0), xycoords="axes fraction", xytext=(0, -36),
+                    textcoords="offset points", ha="left", va="top", fontsize=7,
+                    color="dimgrey")
+    return ax
+
+
+def save_figure(fig: Figure, out_dir, name: str,
+                formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write fig as out_dir/name.<fmt> for each format (PNG and PDF by default)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = out / f"{name}.{fmt}"
+        # bbox "tight" keeps the footnote, which lies outside the axes.
+        fig.savefig(path, format=fmt, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    return paths

@@ -1,0 +1,183 @@
+"""Records → chat-templated token ids → P/CoT/A spans → truncation → label masks → batches.
+
+Every source yields records ``{"problem", "reasoning", "answer"}`` where ``reasoning`` is the
+assistant turn (``<think>…</think>`` then the answer). Spans are found on the full tokenized
+sequence, then each grid point applies its own truncation and section choice, so one encoded
+dataset serves the whole sweep.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from kd_sweeps.sections import MarkerError, Spans, find_spans, label_tensor, supervised_tokens
+from kd_sweeps.synthetic import make_split
+
+IGNORE_INDEX = -100
+RECORD_FIELDS = ("problem", "reasoning", "answer")
+
+
+class DataError(ValueError):
+    """A record or dataset that cannot be used, named with its index and what is wrong."""
+
+
+@dataclass
+class Encoded:
+    """One full (untruncated) training sequence."""
+
+    input_ids: list[int]
+    spans: Spans
+
+
+@dataclass
+class TrainExample:
+    input_ids: torch.Tensor  # (T,) the kept window
+    labels: torch.Tensor  # (T,) token id where supervised, IGNORE_INDEX elsewhere (not shifted)
+    n_supervised: int
+
+
+@dataclass
+class EncodeStats:
+    kept: int = 0
+    too_long: int = 0
+    missing_markers: int = 0
+    first_errors: list[str] = field(default_factory=list)  # a few messages, to show the user
+
+
+def load_records(data_cfg, split: str) -> list[dict]:
+    """The records of one split: ``train`` or ``test``."""
+    if data_cfg.source == "synthetic":
+        # Test problems come from another seed; any that also occur in train are dropped.
+        train = make_split(data_cfg.n_train, data_cfg.seed, data_cfg.min_steps, data_cfg.max_steps)
+        if split == "train":
+            return train
+        seen = {r["problem"] for r in train}
+        test = make_split(data_cfg.n_test * 2, data_cfg.seed + 1, data_cfg.min_steps, data_cfg.max_steps)
+        return [r for r in test if r["problem"] not in seen][: data_cfg.n_test]
+    return _load_file_records(data_cfg, split)
+
+
+def _load_file_records(data_cfg, split: str) -> list[dict]:
+    """Records from a local JSON/JSONL file or a hub dataset already in the project's schema."""
+    import datasets
+
+    if data_cfg.source == "json":
+        ds = datasets.load_dataset("json", data_files=data_cfg.path, split="train")
+    else:
+        ds = datasets.load_dataset(data_cfg.path, split="train")
+    missing = [f for f in RECORD_FIELDS if f not in ds.column_names]
+    if missing:
+        raise DataError(f"data.path={data_cfg.path!r}: records lack field(s) {missing}; "
+                        f"each record needs {list(RECORD_FIELDS)} (has {ds.column_names})")
+    rows = ds.train_test_split(test_size=min(data_cfg.n_test, len(ds) // 2), seed=data_cfg.seed)
+    part = rows["train" if split == "train" else "test"]
+    limit = data_cfg.n_train if split == "train" else data_cfg.n_test
+    return [part[i] for i in range(min(limit, len(part)))]
+
+
+def messages(record: dict) -> list[dict]:
+    return [{"role": "user", "content": record["problem"]},
+            {"role": "assistant", "content": record["reasoning"]}]
+
+
+def prompt_messages(record: dict) -> list[dict]:
+    return [{"role": "user", "content": record["problem"]}]
+
+
+def marker_ids(tokenizer) -> tuple[int, int]:
+    """Token ids of ``<think>`` and ``</think>``; a clear error if the tokenizer lacks them."""
+    ids = []
+    for marker in ("<think>", "</think>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise DataError(f"the tokenizer has no single token for {marker!r}; the section masks "
+                            "need <think> and </think> as (special) tokens")
+        ids.append(tid)
+    return ids[0], ids[1]
+
+
+def encode(records: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[Encoded], EncodeStats]:
+    """Template and tokenize every record (no cap), find spans; drop too-long or marker-less ones."""
+    if tokenizer.chat_template is None:
+        raise DataError("the tokenizer has no chat template; sequences are rendered with the "
+                        "student tokenizer's template")
+    think_id, end_id = marker_ids(tokenizer)
+    out, stats = [], EncodeStats()
+    for index, record in enumerate(records):
+        bad = [f for f in ("problem", "reasoning") if not isinstance(record.get(f), str)]
+        if bad:
+            raise DataError(f"record {index}: field(s) {bad} must be strings")
+        ids = tokenizer.apply_chat_template(messages(record), tokenize=True)["input_ids"]
+        if len(ids) > max_tokens:
+            stats.too_long += 1
+            continue
+        try:
+            spans = find_spans(ids, think_id, end_id)
+        except MarkerError as err:
+            stats.missing_markers += 1
+            if len(stats.first_errors) < 3:
+                stats.first_errors.append(f"record {index}: {err}")
+            continue
+        out.append(Encoded(ids, spans))
+    stats.kept = len(out)
+    if not out:
+        raise DataError(f"no usable training sequence among {len(records)} records "
+                        f"({stats.too_long} longer than data.max_tokens={max_tokens}, "
+                        f"{stats.missing_markers} without both markers: {stats.first_errors})")
+    return out, stats
+
+
+def training_examples(encoded: Sequence[Encoded], sections: Sequence[str], trunc: float, mode: str,
+                      cut_after_think: bool, seed: int) -> tuple[list[TrainExample], int]:
+    """Apply one grid point's truncation and sections. Returns examples and how many were skipped
+    because no token was left to supervise (they would only add a 0/0 to the loss)."""
+    examples, skipped = [], 0
+    for index, enc in enumerate(encoded):
+        window, mask = supervised_tokens(len(enc.input_ids), enc.spans, tuple(sections), trunc, mode,
+                                         cut_after_think=cut_after_think, seed=seed * 1_000_003 + index)
+        n_supervised = sum(mask)
+        if n_supervised == 0:
+            skipped += 1
+            continue
+        input_ids, labels = label_tensor(enc.input_ids, window, mask, IGNORE_INDEX)
+        examples.append(TrainExample(input_ids, labels, n_supervised))
+    return examples, skipped
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
+                           group: int = 64) -> Iterator[list[int]]:
+    """Endless batches of indices: shuffle each epoch, sort within groups of ``group`` batches by
+    length (little padding), then shuffle the batches. Deterministic for a seed."""
+    epoch = 0
+    while True:
+        rng = random.Random(seed * 7919 + epoch)
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        batches = []
+        span = batch_size * group
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        batches = [b for b in batches if len(b) == batch_size]  # equal batches: equal weight per step
+        rng.shuffle(batches)
+        yield from batches
+        epoch += 1
+
+
+def collate(examples: Sequence[TrainExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = ex.input_ids
+        labels[row, :n] = ex.labels
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

@@ -1,0 +1,43 @@
+"""What ``launch.py`` runs inside each job: Hydra's runtime facts → ``run.main``; failure isolation.
+
+In a sweep, a point that raises is recorded as failed (result.json, W&B state) and the sweep goes
+on; the end-of-sweep summary lists it and the command exits non-zero. A single run re-raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from kd_sweeps.tracking import RESULT_FILE, now_iso, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def run_point(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from kd_sweeps import run
+
+    try:
+        return run.main(cfg, overrides)
+    except Exception as err:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        log.exception("grid point %s failed", " ".join(overrides))
+        if not (output_dir / RESULT_FILE).exists():  # failed before its record was opened
+            write_json_atomic(output_dir / RESULT_FILE, {
+                "run_id": None, "sweep": cfg.sweep, "status": "failed",
+                "error": f"{type(err).__name__}: {err}", "overrides": overrides, "config": None,
+                "summary": {}, "started_at": now_iso(), "finished_at": now_iso()})
+        return {"status": "failed", "error": str(err)}

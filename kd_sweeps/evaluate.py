@@ -1,0 +1,99 @@
+"""Evaluation: generate answers to held-out problems, check them, report accuracy ± standard error.
+
+Greedy by default (one sample per problem); with ``n_samples > 1`` and a temperature, accuracy is
+pass@1 estimated as the mean over samples, and the standard error is taken over problems.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from kd_sweeps.data import prompt_messages
+from kd_sweeps.synthetic import extract_boxed
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    stderr: float
+    n: int  # problems
+    generated_tokens: int  # eval cost: tokens produced (up to and including the end token)
+    per_problem: list[float]  # mean correctness per problem, for paired comparisons
+
+
+def answers_match(predicted: str | None, gold: str) -> bool:
+    """Exact match first; otherwise math-verify, which knows that 1/2, 0.5 and \\frac{1}{2} agree."""
+    if predicted is None:
+        return False
+    if predicted.strip() == gold.strip():
+        return True
+    from math_verify import parse, verify
+
+    # Timeouts use signals, which only work in the main thread: switch them off.
+    gold_parsed = parse(f"${gold}$", parsing_timeout=None)
+    pred_parsed = parse(f"${predicted}$", parsing_timeout=None)
+    return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, records: Sequence[dict], eval_cfg, device) -> tuple[list[list[str]], int]:
+    """Completions for every record (n_samples each) and the number of generated tokens."""
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    prompts = [tokenizer.apply_chat_template(prompt_messages(r), tokenize=False, add_generation_prompt=True)
+               for r in records]
+    sampling = eval_cfg.temperature > 0
+    outputs: list[list[str]] = [[] for _ in records]
+    generated = 0
+    for _ in range(eval_cfg.n_samples):
+        for start in range(0, len(prompts), eval_cfg.batch_size):
+            enc = tokenizer(prompts[start:start + eval_cfg.batch_size], return_tensors="pt",
+                            padding=True, add_special_tokens=False).to(device)
+            kwargs = dict(do_sample=True, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p) \
+                if sampling else dict(do_sample=False)
+            out = model.generate(**enc, max_new_tokens=eval_cfg.max_new_tokens,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 **kwargs)
+            new = out[:, enc["input_ids"].shape[1]:]  # (B, new tokens)
+            for row, tokens in enumerate(new):
+                ids = tokens.tolist()
+                if tokenizer.eos_token_id in ids:
+                    ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+                else:
+                    ids = [t for t in ids if t != tokenizer.pad_token_id]
+                generated += len(ids)
+                outputs[start + row].append(tokenizer.decode(ids, skip_special_tokens=True))
+    return outputs, generated
+
+
+BENCHMARKS = ("synthetic",)  # the embedded task's held-out split
+
+
+def benchmark_records(name: str, eval_cfg) -> list[dict]:
+    """Problems of a named benchmark other than the embedded one."""
+    raise ValueError(f"eval.benchmarks: unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+
+
+def evaluate(model, tokenizer, records: Sequence[dict], eval_cfg, device) -> EvalResult:
+    completions, generated = generate_answers(model, tokenizer, records, eval_cfg, device)
+    per_problem = []
+    for record, samples in zip(records, completions):
+        hits = [answers_match(extract_boxed(text), str(record["answer"])) for text in samples]
+        per_problem.append(sum(hits) / len(hits))
+    accuracy, stderr = mean_stderr(per_problem)
+    return EvalResult(accuracy, stderr, len(records), generated, per_problem)

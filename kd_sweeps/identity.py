@@ -1,0 +1,23 @@
+"""A grid point's identity: a hash of its resolved config without where or how it runs.
+
+Two launches of the same point (a requeue, a repeated sweep) get the same id, which names the W&B
+run, so a point resumes or is skipped instead of being duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+# Keys that say where/how a point runs or is logged, not what it computes.
+NON_IDENTITY_KEYS = ("logger", "output_dir", "cache_dir", "sweep", "extra", "launcher")
+
+
+def identity_config(resolved: dict) -> dict:
+    return {k: v for k, v in resolved.items() if k not in NON_IDENTITY_KEYS}
+
+
+def run_id(resolved: dict) -> str:
+    """12 hex digits of sha256 over the canonical JSON of the identity config."""
+    payload = json.dumps(identity_config(resolved), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]

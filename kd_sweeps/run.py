@@ -1,0 +1,111 @@
+"""One grid point, end to end: validate → models and data → KD training → evaluation → cost → record.
+
+``main(cfg)`` is what ``launch.py`` calls for every point of a sweep; it returns the run's summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kd_sweeps import data, evaluate, identity, models, train
+from kd_sweeps.cost import CostMeter, ModelShape
+from kd_sweeps.memory import PeakMemory
+from kd_sweeps.tracking import Tracker
+from kd_sweeps.validation import validate
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def loop_settings(cfg: DictConfig) -> train.LoopSettings:
+    t = cfg.train
+    return train.LoopSettings(max_steps=t.max_steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                              lr=t.lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
+                              grad_clip=t.grad_clip, precision=t.precision, log_every=t.log_every,
+                              seed=cfg.seed)
+
+
+def loss_settings(cfg: DictConfig) -> train.LossSettings:
+    loss = cfg.loss
+    return train.LossSettings(name=loss.name, kd_ratio=loss.kd_ratio, temperature=loss.temperature,
+                              beta=loss.beta, alpha=loss.alpha, mix=loss.mix)
+
+
+def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    validate(cfg)  # before anything heavy: a bad point fails in a second with every problem listed
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    point_id = identity.run_id(resolved)
+    output_dir = Path(cfg.output_dir)
+    with Tracker(output_dir, point_id, cfg.sweep, resolved, cfg.logger, overrides) as tracker:
+        summary = _train_and_evaluate(cfg, tracker, output_dir)
+        tracker.set_summary(summary)
+    return summary
+
+
+def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> dict:
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.seed)
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    tokenizer = models.load_tokenizer(cfg, cache_dir)
+    encoded, stats = data.encode(data.load_records(cfg.data, "train"), tokenizer, cfg.data.max_tokens)
+    test_records = data.load_records(cfg.data, "test")[: cfg.eval.n_problems]
+    examples, skipped = data.training_examples(encoded, cfg.sections.include, cfg.trunc, cfg.truncation.mode,
+                                               cfg.truncation.cut_after_think, cfg.seed)
+    if len(examples) < cfg.train.batch_size:
+        raise data.DataError(f"only {len(examples)} of {len(encoded)} sequences have a supervised token "
+                             f"with sections.include={list(cfg.sections.include)}, trunc={cfg.trunc}, "
+                             f"truncation.mode={cfg.truncation.mode}; need at least train.batch_size="
+                             f"{cfg.train.batch_size}")
+    teacher, student = models.load_pair(cfg, tokenizer, device)
+    meter = CostMeter(ModelShape.from_config(student.model.config), ModelShape.from_config(teacher.model.config))
+
+    def on_step(step: int, metrics: dict, lengths: list[int], shapes: list[tuple]) -> None:
+        start = 0
+        for batch_shape in shapes:
+            real = lengths[start:start + batch_shape[0]]
+            start += batch_shape[0]
+            meter.add_step(batch_shape, real, 0)
+        meter.tokens_supervised += metrics["supervised_tokens"]
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps - 1:
+            tracker.log_step(step, metrics)
+
+    with PeakMemory(device) as memory:
+        started = time.perf_counter()
+        last = train.train_loop(student.model, teacher.model, examples, tokenizer.pad_token_id,
+                                loop_settings(cfg), loss_settings(cfg), device, on_step,
+                                desc=f"trunc={cfg.trunc} {cfg.sections.name}")
+        train_time = time.perf_counter() - started
+    student.model.save_pretrained(output_dir / "checkpoint")
+    tokenizer.save_pretrained(output_dir / "checkpoint")
+    summary = {**meter.summary(), "train_time_s": train_time, "peak_memory_bytes": memory.peak_bytes,
+               "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"),
+               "final_kd_loss": last.get("kd_loss"), "examples_trained_on": len(examples),
+               "examples_skipped": skipped, "examples_too_long": stats.too_long,
+               "examples_missing_markers": stats.missing_markers,
+               "teacher_accuracy": teacher.info.get("accuracy"), "base_accuracy": student.info.get("accuracy")}
+    summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
+    accuracies, stderrs = [], []
+    for bench in cfg.eval.benchmarks:
+        records = test_records if bench == "synthetic" else evaluate.benchmark_records(bench, cfg.eval)
+        result = evaluate.evaluate(student.model, tokenizer, records, cfg.eval, device)
+        summary.update({f"eval/{bench}/accuracy": result.accuracy, f"eval/{bench}/stderr": result.stderr,
+                        f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens})
+        accuracies.append(result.accuracy)
+        stderrs.append(result.stderr)
+    summary["accuracy"] = sum(accuracies) / len(accuracies)
+    summary["accuracy_stderr"] = (sum(s**2 for s in stderrs) ** 0.5) / len(stderrs)
+    log.info("run %s: accuracy %.3f ± %.3f, %.3g training FLOPs, %.1f s", tracker.run_id,
+             summary["accuracy"], summary["accuracy_stderr"], summary["train_flops"], train_time)
+    return summary

@@ -1,0 +1,105 @@
+"""Where a run's record goes: a W&B run (offline by default) and ``result.json``, written atomically.
+
+``result.json`` is the store nothing else depends on: the resolved config, the summary, the status
+(running → ok | failed with the error) and timestamps. W&B gets the same config and summary plus the
+per-step history; ``finish()`` is always called, with a non-zero exit code when the run failed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+RESULT_FILE = "result.json"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: store them as null so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_json_safe(payload), handle, indent=2, sort_keys=True, allow_nan=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Tracker:
+    """One grid point's record keeping. Use as a context manager: the run is always finished."""
+
+    def __init__(self, output_dir: Path, run_id: str, sweep: str, config: dict, logger_cfg,
+                 overrides: Optional[list[str]] = None):
+        self.output_dir = Path(output_dir)
+        self.run_id, self.sweep, self.config = run_id, sweep, config
+        self.logger_cfg = logger_cfg
+        self.result = {"run_id": run_id, "sweep": sweep, "status": "running", "error": None,
+                       "overrides": list(overrides or []), "config": config, "summary": {},
+                       "started_at": now_iso(), "finished_at": None}
+        self.wandb_run = None
+
+    def __enter__(self) -> "Tracker":
+        write_json_atomic(self.output_dir / RESULT_FILE, self.result)
+        if self.logger_cfg.mode != "disabled":
+            self.wandb_run = self._start_wandb()
+        return self
+
+    def _start_wandb(self):
+        import wandb  # imported here: a config check or a plan never pays for it
+
+        return wandb.init(
+            project=self.logger_cfg.project, entity=self.logger_cfg.entity, group=self.sweep,
+            job_type="train", name=self.run_id, id=self.run_id, resume="allow",
+            tags=list(self.logger_cfg.tags), config=self.config, dir=str(self.output_dir),
+            mode=self.logger_cfg.mode, settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    def set_summary(self, summary: dict) -> None:
+        self.result["summary"].update(summary)
+        if self.wandb_run is not None:
+            for key, value in summary.items():
+                self.wandb_run.summary[key] = value
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        failed = exc is not None
+        self.result["status"] = "failed" if failed else "ok"
+        if failed:
+            self.result["error"] = f"{exc_type.__name__}: {exc}"
+        self.result["finished_at"] = now_iso()
+        try:
+            write_json_atomic(self.output_dir / RESULT_FILE, self.result)
+        finally:
+            if self.wandb_run is not None:
+                if failed:  # the W&B record names the error too, not only result.json
+                    self.wandb_run.summary["error"] = self.result["error"]
+                self.wandb_run.finish(exit_code=1 if failed else 0)
+        return False  # the error still propagates to the launcher

@@ -1,0 +1,147 @@
+"""The training loop: one readable function for KD runs and for preparing embedded models (CE only).
+
+Per optimizer step: take ``batch_size`` sequences, split into ``grad_accum`` micro-batches, run the
+frozen teacher under no_grad and the student, and add up
+``(1 - r) * CE + r * KD`` where both terms are sums over supervised tokens divided by the number
+of supervised tokens in the WHOLE step — so the gradient does not depend on how a batch is split.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from kd_sweeps.data import IGNORE_INDEX, TrainExample, collate, length_grouped_batches
+from kd_sweeps.losses import ce_loss, kd_loss
+
+
+@dataclass
+class LoopSettings:
+    max_steps: int
+    batch_size: int
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class LossSettings:
+    name: str = "forward_kl"
+    kd_ratio: float = 0.5
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    mix: float = 0.5
+
+
+def warmup_cosine(step: int, total: int, warmup_ratio: float) -> float:
+    """LR multiplier: linear warm-up over warmup_ratio * total steps, then cosine decay to 0."""
+    warmup = max(1, int(round(warmup_ratio * total)))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: LossSettings,
+                autocast: bool) -> tuple[torch.Tensor, float, float]:
+    """Loss of one micro-batch, scaled so that summing over the step's micro-batches gives the
+    step's mean. Returns (scaled total, ce mean, kd mean) with the means for logging."""
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    mask = targets != IGNORE_INDEX
+    n_here = int(mask.sum())
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1]  # (B, T-1, V)
+    ce = ce_loss(logits, targets.clamp_min(0), mask)
+    kd = torch.zeros((), device=logits.device)
+    if teacher is not None and loss.kd_ratio > 0:
+        with torch.no_grad(), torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16,
+                                             enabled=autocast):
+            teacher_logits = teacher(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).logits[:, :-1]
+        kd = kd_loss(logits, teacher_logits, mask, loss.name, loss.temperature, loss.beta,
+                     loss.alpha, loss.mix)
+    total = (1.0 - loss.kd_ratio) * ce + loss.kd_ratio * kd if teacher is not None else ce
+    return total * (n_here / max(1, n_step_supervised)), ce.item(), kd.item()
+
+
+def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
+               settings: LoopSettings, loss: LossSettings, device: torch.device,
+               on_step: Optional[Callable[[int, dict, list, tuple], None]] = None,
+               desc: str = "train") -> dict:
+    """Train ``student`` in place. ``on_step(step, metrics, batch_lengths, padded_shape)`` is called
+    after every optimizer step (logging and cost accounting live there). Returns the last metrics."""
+    torch.manual_seed(settings.seed)
+    student.train()
+    if teacher is not None:
+        teacher.eval()
+    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]  # norms and biases
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr,
+                                  betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, settings.max_steps, settings.warmup_ratio))
+    batches = length_grouped_batches([len(e.input_ids) for e in examples], settings.batch_size,
+                                     settings.seed)
+    autocast = settings.precision == "bf16"
+    micro = settings.batch_size // settings.grad_accum
+    progress = _progress(settings.max_steps, desc)
+    metrics: dict = {}
+    for step in range(settings.max_steps):
+        started = time.perf_counter()
+        chosen = [examples[i] for i in next(batches)]
+        n_supervised = sum(e.n_supervised for e in chosen)
+        ce_sum = kd_sum = 0.0
+        total_value = 0.0
+        shapes = []
+        for start in range(0, len(chosen), micro):
+            batch = {k: v.to(device) for k, v in collate(chosen[start:start + micro], pad_id).items()}
+            shapes.append(tuple(batch["input_ids"].shape))
+            scaled, ce, kd = step_losses(student, teacher, batch, n_supervised, loss, autocast)
+            scaled.backward()
+            share = sum(e.n_supervised for e in chosen[start:start + micro]) / max(1, n_supervised)
+            ce_sum, kd_sum, total_value = ce_sum + ce * share, kd_sum + kd * share, total_value + scaled.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = schedule.get_last_lr()[0]
+        schedule.step()
+        if not math.isfinite(total_value):
+            raise FloatingPointError(f"{desc}: loss is {total_value} at step {step} "
+                                     f"(ce={ce_sum}, kd={kd_sum}, batch lengths "
+                                     f"{[len(e.input_ids) for e in chosen]})")
+        seconds = time.perf_counter() - started
+        tokens = sum(len(e.input_ids) for e in chosen)
+        metrics = {"loss": total_value, "ce_loss": ce_sum, "kd_loss": kd_sum, "lr": lr,
+                   "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(seconds, 1e-9),
+                   "supervised_tokens": n_supervised}
+        if on_step is not None:
+            on_step(step, metrics, [len(e.input_ids) for e in chosen], shapes)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{total_value:.3f}", refresh=False)
+    if progress is not None:
+        progress.close()
+    student.eval()
+    return metrics
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar in a terminal; nothing in logs (Slurm, CI) where a bar only adds noise."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

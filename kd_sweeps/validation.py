@@ -1,0 +1,142 @@
+"""Check a composed config before any model or data is touched: collect every problem, raise once.
+
+Each message names the key, the bad value and what is allowed, so a sweep of hundreds of points
+fails in a second at launch instead of minutes into one job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kd_sweeps.evaluate import BENCHMARKS
+from kd_sweeps.losses import LOSS_NAMES
+from kd_sweeps.sections import SECTION_PRESETS, SECTIONS, TRUNCATION_MODES
+
+MODEL_SOURCES = ("embedded", "pretrained")
+DATA_SOURCES = ("synthetic", "hub", "json")
+PRECISIONS = ("bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+LOGGER_MODES = ("offline", "online", "disabled")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+class ConfigError(ValueError):
+    """Every problem found in one config, one per line."""
+
+
+def _choice(issues: list[str], key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        issues.append(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
+
+
+def _positive(issues: list[str], key: str, value: Any, strict: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if strict else value < 0):
+        issues.append(f"{key}={value!r}: must be {'> 0' if strict else '>= 0'}")
+
+
+def _unit_interval(issues: list[str], key: str, value: Any, open_left: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > 1 or (value <= 0 if open_left else value < 0):
+        allowed = "in (0, 1]" if open_left else "in [0, 1]"
+        issues.append(f"{key}={value!r}: must be {allowed}")
+
+
+def _check_sections(cfg: DictConfig, issues: list[str]) -> None:
+    include = list(cfg.sections.include)
+    if not include:
+        issues.append(f"sections.include=[]: choose at least one of {', '.join(SECTIONS)}")
+    unknown = [s for s in include if s not in SECTIONS]
+    if unknown:
+        issues.append(f"sections.include={include}: unknown section(s) {unknown}; allowed: "
+                      f"{', '.join(SECTIONS)}")
+    name = cfg.sections.name
+    if name != "custom" and name not in SECTION_PRESETS:
+        issues.append(f"sections.name={name!r}: must be one of "
+                      f"{', '.join(list(SECTION_PRESETS) + ['custom'])}")
+    elif name in SECTION_PRESETS and not unknown and sorted(include) != sorted(SECTION_PRESETS[name]):
+        issues.append(f"sections.name={name!r} but sections.include={include}: preset {name!r} is "
+                      f"{list(SECTION_PRESETS[name])}; set sections.name=custom for other lists")
+
+
+def _check_models(cfg: DictConfig, issues: list[str]) -> None:
+    for role in ("teacher", "student"):
+        spec = cfg.model[role]
+        key = f"model.{role}"
+        _choice(issues, f"{key}.source", spec.source, MODEL_SOURCES)
+        if spec.source == "embedded":
+            for field in ("layers", "hidden", "heads", "prep_batch_size", "prep_examples"):
+                _positive(issues, f"{key}.{field}", spec[field])
+            _positive(issues, f"{key}.prep_steps", spec.prep_steps, strict=False)
+            _positive(issues, f"{key}.prep_lr", spec.prep_lr)
+            if isinstance(spec.hidden, int) and isinstance(spec.heads, int) and spec.heads > 0 \
+                    and spec.hidden % spec.heads:
+                issues.append(f"{key}.hidden={spec.hidden}: must be divisible by {key}.heads={spec.heads}")
+            if not 1 <= spec.prep_min_steps <= spec.prep_max_steps <= 12:
+                issues.append(f"{key}.prep_min_steps/prep_max_steps={spec.prep_min_steps}/"
+                              f"{spec.prep_max_steps}: need 1 <= min <= max <= 12")
+    _choice(issues, "model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
+
+
+def _check_data(cfg: DictConfig, issues: list[str]) -> None:
+    data = cfg.data
+    _choice(issues, "data.source", data.source, DATA_SOURCES)
+    for field in ("n_train", "n_test", "max_tokens"):
+        _positive(issues, f"data.{field}", data[field])
+    if data.source == "synthetic" and not 1 <= data.min_steps <= data.max_steps <= 12:
+        issues.append(f"data.min_steps/max_steps={data.min_steps}/{data.max_steps}: "
+                      "need 1 <= min <= max <= 12")
+    if data.source != "synthetic" and not data.path:
+        issues.append(f"data.path='': a {data.source} source needs a hub id or a local path")
+
+
+def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
+    train = cfg.train
+    for field in ("max_steps", "batch_size", "grad_accum", "lr", "log_every"):
+        _positive(issues, f"train.{field}", train[field])
+    _positive(issues, "train.weight_decay", train.weight_decay, strict=False)
+    _positive(issues, "train.grad_clip", train.grad_clip, strict=False)
+    _positive(issues, "train.num_threads", train.num_threads, strict=False)
+    _unit_interval(issues, "train.warmup_ratio", train.warmup_ratio)
+    _choice(issues, "train.precision", train.precision, PRECISIONS)
+    _choice(issues, "train.device", train.device, DEVICES)
+    if isinstance(train.batch_size, int) and isinstance(train.grad_accum, int) and train.grad_accum > 0 \
+            and train.batch_size % train.grad_accum:
+        issues.append(f"train.batch_size={train.batch_size}: must be divisible by "
+                      f"train.grad_accum={train.grad_accum}")
+    ev = cfg.eval
+    for field in ("n_problems", "max_new_tokens", "batch_size", "n_samples"):
+        _positive(issues, f"eval.{field}", ev[field])
+    _positive(issues, "eval.temperature", ev.temperature, strict=False)
+    _unit_interval(issues, "eval.top_p", ev.top_p, open_left=True)
+    if not list(ev.benchmarks):
+        issues.append("eval.benchmarks=[]: list at least one benchmark")
+    for bench in ev.benchmarks:
+        _choice(issues, "eval.benchmarks[]", bench, BENCHMARKS)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every problem in ``cfg`` (a composed, resolvable config)."""
+    issues: list[str] = []
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as err:  # an unresolved interpolation or a MISSING value
+        raise ConfigError(f"config does not resolve: {err}") from err
+    _unit_interval(issues, "trunc", cfg.trunc, open_left=True)
+    _choice(issues, "truncation.mode", cfg.truncation.mode, TRUNCATION_MODES)
+    _check_sections(cfg, issues)
+    loss = cfg.loss
+    _choice(issues, "loss.name", loss.name, LOSS_NAMES)
+    _unit_interval(issues, "loss.kd_ratio", loss.kd_ratio)
+    _positive(issues, "loss.temperature", loss.temperature)
+    for key in ("beta", "alpha", "mix"):
+        _unit_interval(issues, f"loss.{key}", loss[key])
+    _check_models(cfg, issues)
+    _check_data(cfg, issues)
+    _check_train_eval(cfg, issues)
+    _choice(issues, "logger.mode", cfg.logger.mode, LOGGER_MODES)
+    if issues:
+        raise ConfigError(f"{len(issues)} problem(s) in the config:\n  " + "\n  ".join(issues))

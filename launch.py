@@ -1,0 +1,24 @@
+"""Entry point: compose the config with Hydra and run one grid point (or a sweep with -m).
+
+    python launch.py                              # one run of the embedded default
+    python launch.py -m trunc=0.25,0.5,1.0        # a sweep; a summary table and plot at the end
+    python launch.py --cfg job                    # print the resolved config
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from kd_sweeps.schema import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> dict:
+    from kd_sweeps.entry import run_point  # heavy imports only once a job really runs
+
+    return run_point(cfg)
+
+
+if __name__ == "__main__":
+    main()

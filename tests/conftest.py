@@ -1,0 +1,33 @@
+"""Shared fixtures: Hydra composition of the project's own config, offline everything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Nothing is downloaded at test time: hub lookups fail at once instead of after a timeout.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_config(overrides=(), config_name: str = "config"):
+    """The config exactly as ``launch.py`` would compose it (schema included)."""
+    from hydra import compose, initialize_config_dir
+
+    from kd_sweeps.schema import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+@pytest.fixture
+def compose():
+    return compose_config

@@ -1,0 +1,84 @@
+"""Every bad value is reported with its key, the value and what is allowed, all at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from kd_sweeps.validation import ConfigError, validate
+from tests.conftest import compose_config
+
+
+def problems(overrides) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides))
+    return str(info.value)
+
+
+def test_default_config_is_valid():
+    validate(compose_config())
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "nan"])
+def test_trunc_outside_unit_interval(value):
+    message = problems([f"trunc={value}"])
+    assert "trunc=" in message and "in (0, 1]" in message
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["sections=custom", "sections.include=[CoT,Answer]"], "unknown section(s) ['Answer']; allowed: P, CoT, A"),
+        (["sections=custom", "sections.include=[]"], "sections.include=[]: choose at least one of P, CoT, A"),
+        (["sections.name=everything"], "sections.name='everything': must be one of all, prompt_cot"),
+        (["sections=cot", "sections.include=[P]"], "preset 'cot' is ['CoT']; set sections.name=custom"),
+        (["loss.name=kl"], "loss.name='kl': must be one of forward_kl, reverse_kl"),
+        (["loss.kd_ratio=1.5"], "loss.kd_ratio=1.5: must be in [0, 1]"),
+        (["loss.kd_ratio=-0.1"], "loss.kd_ratio=-0.1: must be in [0, 1]"),
+        (["loss.temperature=0"], "loss.temperature=0.0: must be > 0"),
+        (["loss=jsd", "loss.beta=2"], "loss.beta=2.0: must be in [0, 1]"),
+        (["train.max_steps=0"], "train.max_steps=0: must be > 0"),
+        (["train.batch_size=-4"], "train.batch_size=-4: must be > 0"),
+        (["train.batch_size=10", "train.grad_accum=4"], "train.batch_size=10: must be divisible by train.grad_accum=4"),
+        (["train.lr=0"], "train.lr=0.0: must be > 0"),
+        (["train.precision=fp8"], "train.precision='fp8': must be one of bf16, fp32"),
+        (["truncation.mode=tail"], "truncation.mode='tail': must be one of lead, left, middle, right, random_labels"),
+        (["eval.n_problems=0"], "eval.n_problems=0: must be > 0"),
+        (["eval.top_p=0"], "eval.top_p=0.0: must be in (0, 1]"),
+        (["eval.benchmarks=[aime99]"], "eval.benchmarks[]='aime99': must be one of synthetic"),
+        (["logger.mode=sometimes"], "logger.mode='sometimes': must be one of offline, online, disabled"),
+        (["model.teacher.hidden=130"], "model.teacher.hidden=130: must be divisible by model.teacher.heads=4"),
+        (["model.student.source=hub"], "model.student.source='hub': must be one of embedded, pretrained"),
+        (["data.source=json"], "data.path='': a json source needs a hub id or a local path"),
+        (["data.max_steps=20"], "data.min_steps/max_steps=2/20: need 1 <= min <= max <= 12"),
+    ],
+)
+def test_each_bad_value_is_named(overrides, expected):
+    assert expected in problems(overrides)
+
+
+def test_all_problems_are_reported_at_once():
+    message = problems(["trunc=2", "loss.name=kl", "train.batch_size=0", "sections.include=[]",
+                        "sections.name=custom"])
+    assert message.startswith("4 problem(s) in the config")
+    for key in ("trunc=2.0", "loss.name='kl'", "train.batch_size=0", "sections.include=[]"):
+        assert key in message
+
+
+def test_window_modes_accept_any_ratio():
+    # Windows are defined for every ratio (left/middle/right keep max(1, int(L * trunc)) tokens).
+    for mode in ("left", "middle", "right", "random_labels"):
+        validate(compose_config([f"truncation.mode={mode}", "trunc=0.3"]))
+
+
+def test_unknown_key_is_rejected_by_the_schema():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(["train.learning_rate=0.1"])
+    assert "learning_rate" in str(info.value)
+
+
+def test_wrong_type_is_rejected_by_the_schema():
+    with pytest.raises(Exception) as info:
+        compose_config(["train.max_steps=many"])
+    assert "max_steps" in str(info.value)
