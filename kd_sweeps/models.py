@@ -89,6 +89,7 @@ def prepare_embedded(spec: dict, role: str, tokenizer, cache_dir: Path, attn: st
             model = Qwen3ForCausalLM._from_config(qwen3_config(spec, tokenizer), attn_implementation=attn)
             info = _prepare(model, spec, role, tokenizer, device)
             info["prep_time_s"] = time.perf_counter() - started
+            info["built_by_pid"] = os.getpid()
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
@@ -120,7 +121,7 @@ def _prepare(model, spec: dict, role: str, tokenizer, device) -> dict:
         train.train_loop(model, None, examples, tokenizer.pad_token_id, settings, train.LossSettings(kd_ratio=0.0),
                          device, desc=f"prepare {role}")
     # Held-out problems of every length 2..12 (the sweep's test distribution), from a fixed seed.
-    heldout = make_split(200, 123_456, 2, 12)
+    heldout = make_split(spec["prep_eval_problems"], 123_456, 2, 12)
     result = evaluate.evaluate(model, tokenizer, heldout, _EvalDefaults(), device)
     return {"role": role, "accuracy": result.accuracy, "stderr": result.stderr, "n": result.n,
             "spec": spec, "params": sum(p.numel() for p in model.parameters())}

@@ -27,6 +27,7 @@ class ModelSpec:
     prep_min_steps: int = 2  # problem lengths (reasoning steps) it is prepared on
     prep_max_steps: int = 12
     prep_examples: int = 20000
+    prep_eval_problems: int = 200  # held-out problems (2..12 steps) its accuracy is reported on
 
 
 @dataclass

@@ -39,22 +39,22 @@ class Problem:
 
 
 def sample_problem(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
-    """Draw one problem; operators are chosen so the running value stays in [0, MAX_VALUE]."""
+    """Draw one problem; each step is chosen among those that keep the value in [0, MAX_VALUE]."""
     n_steps = rng.randint(min_steps, max_steps)
-    acc = start = rng.randint(0, 9)
+    acc = start = rng.randint(0, MAX_VALUE)
     steps = []
     for _ in range(n_steps):
-        n = rng.randint(1, 9)
-        can_add, can_sub = acc + n <= MAX_VALUE, acc - n >= 0
-        op = "+" if (can_add and (not can_sub or rng.random() < 0.5)) else "-"
+        ops = [op for op, room in (("+", MAX_VALUE - acc), ("-", acc)) if room > 0]
+        op = rng.choice(ops)
+        n = rng.randint(1, MAX_VALUE - acc if op == "+" else acc)
         acc = acc + n if op == "+" else acc - n
         steps.append((op, n))
     return Problem(start, tuple(steps))
 
 
 def prompt_text(problem: Problem) -> str:
-    ops = " ".join(f"{STEP_LABELS[i]}{op}{n}" for i, (op, n) in enumerate(problem.steps))
-    return f"Start at {problem.start}, then apply {ops}. What is the final value?"
+    ops = " ".join(f"{op}{n}{STEP_LABELS[i]}" for i, (op, n) in enumerate(problem.steps))
+    return f"Start at {problem.start} and apply {ops}. What is the result?"
 
 
 def reasoning_text(problem: Problem) -> str:
@@ -64,9 +64,9 @@ def reasoning_text(problem: Problem) -> str:
     for i, ((op, n), new) in enumerate(zip(problem.steps, problem.values)):
         lines.append(f"{STEP_LABELS[i]}{op}{n}: {acc}{op}{n}={new}")
         acc = new
-    lines.append(f"So the final value is {problem.answer}.")
+    lines.append(f"So the result is {problem.answer}.")
     cot = "\n".join(lines)
-    return f"<think>\n{cot}\n</think>\n\nThe final value is \\boxed{{{problem.answer}}}."
+    return f"<think>\n{cot}\n</think>\n\nThe result is \\boxed{{{problem.answer}}}."
 
 
 def make_split(n: int, seed: int, min_steps: int = 2, max_steps: int = 12) -> list[dict]:
@@ -97,5 +97,6 @@ def corpus_text() -> str:
     rng = random.Random(0)
     texts = [prompt_text(sample_problem(rng, 12, 12)) + reasoning_text(sample_problem(rng, 12, 12))
              for _ in range(50)]
-    texts.append("user assistant system 0123456789 " + STEP_LABELS + " +-=:.,?{}\\\n")
+    signed = " ".join(f"{op}{d}" for op in "+-" for d in range(10))
+    texts.append(f"user assistant system 0123456789 {signed} {STEP_LABELS} +-=:.,?{{}}\\\n")
     return "\n".join(texts)

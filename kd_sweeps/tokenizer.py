@@ -27,12 +27,13 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
 
-# Words stay whole; every digit, space, newline and symbol is its own token.
-SPLIT_PATTERN = r"[A-Za-z]+|\d|\s|[^A-Za-z\d\s]"
+# Words stay whole; a signed digit (an operation such as "+5") is one token; every other digit,
+# space, newline and symbol is its own token.
+SPLIT_PATTERN = r"[A-Za-z]+|[+-]\d|\d|\s|[^A-Za-z\d\s]"
 
 
 def build_tokenizer():
-    """A fast tokenizer over the embedded task's vocabulary (about 40 tokens)."""
+    """A fast tokenizer over the embedded task's vocabulary (about 80 tokens)."""
     from transformers import PreTrainedTokenizerFast
 
     pieces = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")

@@ -68,7 +68,7 @@ def _check_models(cfg: DictConfig, issues: list[str]) -> None:
         key = f"model.{role}"
         _choice(issues, f"{key}.source", spec.source, MODEL_SOURCES)
         if spec.source == "embedded":
-            for field in ("layers", "hidden", "heads", "prep_batch_size", "prep_examples"):
+            for field in ("layers", "hidden", "heads", "prep_batch_size", "prep_examples", "prep_eval_problems"):
                 _positive(issues, f"{key}.{field}", spec[field])
             _positive(issues, f"{key}.prep_steps", spec.prep_steps, strict=False)
             _positive(issues, f"{key}.prep_lr", spec.prep_lr)

@@ -1,0 +1,103 @@
+"""The real sweep, shrunk: `launch.py -m` trains, evaluates, records, and summarizes on a CPU.
+
+Models are embedded Qwen3 checkpoints prepared with a handful of steps (their accuracy is not the
+point here); everything else — Hydra, the data pipeline, KD, evaluation, W&B offline runs,
+result.json, the end-of-sweep table and plot — is the code a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.wandb_offline import read_runs
+from tests.conftest import ROOT
+
+FAST = [
+    "model.teacher.prep_steps=8", "model.teacher.prep_examples=256", "model.teacher.prep_eval_problems=8",
+    "model.student.prep_steps=4", "model.student.prep_examples=256", "model.student.prep_eval_problems=8",
+    "data.n_train=64", "data.n_test=8", "train.max_steps=3", "train.batch_size=8",
+    "eval.n_problems=8", "eval.max_new_tokens=48", "train.num_threads=1",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def launch(args, cwd: Path, cache_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KD_SWEEPS_CACHE": str(cache_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DIR": str(cwd)}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_sweep_trains_evaluates_records_and_summarizes(tmp_path, cache_dir):
+    sweep_dir = tmp_path / "sweep"
+    proc = launch(["-m", "trunc=0.5,1.0", "sweep=e2e", f"hydra.sweep.dir={sweep_dir}", *FAST],
+                  tmp_path, cache_dir)
+    results = [json.loads((sweep_dir / str(i) / "result.json").read_text()) for i in range(2)]
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert [r["config"]["trunc"] for r in results] == [0.5, 1.0]
+    half, full = (r["summary"] for r in results)
+    for key in ("accuracy", "accuracy_stderr", "train_flops", "train_time_s", "peak_memory_bytes",
+                "tokens_trained", "tokens_supervised", "eval/synthetic/generated_tokens"):
+        assert key in full
+    # Same sequences, half of each kept: about half the tokens and less than 0.6x the FLOPs.
+    assert 0.4 < half["tokens_trained"] / full["tokens_trained"] < 0.6
+    assert half["train_flops"] < 0.6 * full["train_flops"]
+    runs = {run.run_id: run for run in read_runs(sweep_dir)}
+    assert set(runs) == {r["run_id"] for r in results}
+    for r in results:
+        run = runs[r["run_id"]]
+        assert run.group == "e2e" and run.state == "finished"
+        assert run.config["trunc"] == r["config"]["trunc"]
+        assert run.summary["train_flops"] == pytest.approx(r["summary"]["train_flops"])
+    assert (sweep_dir / "0" / "checkpoint" / "model.safetensors").exists()
+    # The end-of-sweep table and plot.
+    assert "| trunc |" in proc.stdout and "tradeoff plot:" in proc.stdout
+    assert (sweep_dir / "tradeoff.png").stat().st_size > 0
+    assert (sweep_dir / "summary.csv").exists()
+    # The embedded models were prepared once and cached for the next sweep.
+    assert len(list(cache_dir.glob("teacher-*/prep.json"))) == 1
+    assert len(list(cache_dir.glob("base-*/prep.json"))) == 1
+
+
+def test_a_failing_point_is_recorded_and_its_sibling_still_runs(tmp_path, cache_dir):
+    sweep_dir = tmp_path / "sweep"
+    # With only the answer supervised and a quarter of each sequence kept, no example has a
+    # supervised token: that point fails with a clear error; trunc=1.0 runs normally.
+    proc = launch(["-m", "trunc=0.25,1.0", "sections=ans", "sweep=e2e-fail", f"hydra.sweep.dir={sweep_dir}",
+                   "logger=disabled", *FAST], tmp_path, cache_dir, check=False)
+    assert proc.returncode != 0
+    failed = json.loads((sweep_dir / "0" / "result.json").read_text())
+    ok = json.loads((sweep_dir / "1" / "result.json").read_text())
+    assert failed["status"] == "failed" and "have a supervised token" in failed["error"]
+    assert ok["status"] == "ok"
+    assert "1 grid point(s) failed" in proc.stdout
+
+
+def test_bad_config_fails_before_any_work(tmp_path, cache_dir):
+    proc = launch(["trunc=1.5", "loss.name=kl", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
+                  tmp_path / "untouched-cache", check=False)
+    assert proc.returncode != 0
+    assert "trunc=1.5: must be in (0, 1]" in proc.stderr and "loss.name='kl'" in proc.stderr
+    assert not (tmp_path / "untouched-cache").exists()
+
+
+def test_cfg_job_and_help(tmp_path, cache_dir):
+    cfg = launch(["--cfg", "job", "trunc=0.5", "sections=cot"], tmp_path, cache_dir)
+    assert "trunc: 0.5" in cfg.stdout and "- CoT" in cfg.stdout
+    helped = launch(["--help"], tmp_path, cache_dir)
+    for group in ("sections: all, ans, cot, cot_ans, custom, prompt_ans, prompt_cot", "loss:", "model:",
+                  "launcher:"):
+        assert group in helped.stdout

@@ -1,0 +1,69 @@
+"""The embedded task and tokenizer: real P/CoT/A structure, varied lengths, exact round trips."""
+
+from __future__ import annotations
+
+from kd_sweeps.data import marker_ids, messages
+from kd_sweeps.sections import find_spans
+from kd_sweeps.synthetic import MAX_VALUE, Problem, extract_boxed, make_split, sample_problem
+from kd_sweeps.tokenizer import build_tokenizer, load_or_build_tokenizer
+
+
+def test_problem_values_and_answer():
+    problem = Problem(start=3, steps=(("+", 4), ("-", 6), ("+", 2)))
+    assert problem.values == [7, 1, 3]
+    assert problem.answer == 3
+
+
+def test_running_values_stay_in_range_and_lengths_vary():
+    import random
+
+    rng = random.Random(0)
+    problems = [sample_problem(rng, 2, 12) for _ in range(500)]
+    assert all(0 <= v <= MAX_VALUE for p in problems for v in p.values)
+    assert {len(p.steps) for p in problems} == set(range(2, 13))
+
+
+def test_trace_restates_every_step_and_boxes_the_answer():
+    record = make_split(1, seed=5, min_steps=4, max_steps=4)[0]
+    reasoning = record["reasoning"]
+    assert reasoning.startswith("<think>\n") and "\n</think>\n\n" in reasoning
+    cot, answer = reasoning.split("</think>")
+    problem = sample_problem(__import__("random").Random(5), 4, 4)
+    for label, (op, n) in zip("abcd", problem.steps):
+        assert f"{op}{n}{label}" in record["problem"]  # the prompt names each step
+        assert f"\n{label}{op}{n}: " in cot  # the CoT restates it before working it out
+    assert extract_boxed(answer) == record["answer"]
+
+
+def test_splits_are_seeded():
+    assert make_split(20, seed=1) == make_split(20, seed=1)
+    assert make_split(20, seed=1) != make_split(20, seed=2)
+
+
+def test_extract_boxed_takes_the_last_box():
+    assert extract_boxed(r"x \boxed{3} then \boxed{ 7 }.") == "7"
+    assert extract_boxed("no box") is None
+
+
+def test_tokenizer_round_trips_and_has_markers(tmp_path):
+    tokenizer = build_tokenizer()
+    record = make_split(1, seed=3)[0]
+    text = tokenizer.apply_chat_template(messages(record), tokenize=False)
+    ids = tokenizer.apply_chat_template(messages(record), tokenize=True)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.unk_token_id not in ids
+    think_id, end_id = marker_ids(tokenizer)
+    spans = find_spans(ids, think_id, end_id)
+    assert spans.prompt[0] == 0 and spans.answer[1] == len(ids)
+    # Saved and reloaded the way a hub tokenizer is: identical ids and template.
+    reloaded = load_or_build_tokenizer(tmp_path / "tok")
+    reloaded = load_or_build_tokenizer(tmp_path / "tok")
+    assert reloaded.apply_chat_template(messages(record), tokenize=True)["input_ids"] == ids
+    assert reloaded.eos_token == "<|im_end|>"
+
+
+def test_sequence_lengths_vary_several_fold():
+    tokenizer = build_tokenizer()
+    lengths = [len(tokenizer.apply_chat_template(messages(r), tokenize=True)["input_ids"])
+               for r in make_split(300, seed=0)]
+    assert max(lengths) / min(lengths) > 2

@@ -1,0 +1,88 @@
+"""The training loop: gradient accumulation does not change the step, the teacher stays frozen."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kd_sweeps import data, models, train
+from kd_sweeps.synthetic import make_split
+from kd_sweeps.tokenizer import build_tokenizer
+
+TINY = {"layers": 1, "hidden": 32, "heads": 2}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    encoded, _ = data.encode(make_split(32, seed=0), tokenizer, 4096)
+    examples, _ = data.training_examples(encoded, ("CoT", "A"), 0.5, "lead", False, 0)
+    from transformers import Qwen3ForCausalLM
+
+    student = Qwen3ForCausalLM._from_config(models.qwen3_config(TINY, tokenizer), attn_implementation="eager")
+    teacher = Qwen3ForCausalLM._from_config(models.qwen3_config({**TINY, "hidden": 48}, tokenizer),
+                                            attn_implementation="eager")
+    teacher.requires_grad_(False)
+    return tokenizer, examples, student, teacher
+
+
+def run(setup, grad_accum: int, steps: int = 2, kd_ratio: float = 0.5):
+    tokenizer, examples, student, teacher = setup
+    model = copy.deepcopy(student).double()
+    settings = train.LoopSettings(max_steps=steps, batch_size=8, grad_accum=grad_accum, lr=1e-2,
+                                  precision="fp32", seed=0)
+    losses = []
+    train.train_loop(model, teacher.double(), examples, tokenizer.pad_token_id, settings,
+                     train.LossSettings(kd_ratio=kd_ratio), torch.device("cpu"),
+                     on_step=lambda step, metrics, lengths, shapes: losses.append(metrics["loss"]))
+    return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_gradient_accumulation_does_not_change_the_step(setup):
+    losses_1, params_1 = run(setup, grad_accum=1)
+    losses_4, params_4 = run(setup, grad_accum=4)
+    assert losses_1 == pytest.approx(losses_4, rel=1e-9)
+    assert torch.allclose(params_1, params_4, rtol=1e-9, atol=1e-12)
+
+
+def test_teacher_is_not_updated_and_student_is(setup):
+    _, _, student, teacher = setup
+    before_teacher = [p.clone() for p in teacher.double().parameters()]
+    _, params = run(setup, grad_accum=1)
+    start = torch.cat([p.detach().flatten() for p in student.double().parameters()])
+    assert not torch.allclose(params, start)
+    assert all(torch.equal(a, b) for a, b in zip(before_teacher, teacher.parameters()))
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_kd_ratio_zero_is_plain_cross_entropy(setup):
+    tokenizer, examples, student, teacher = setup
+    batch = data.collate(examples[:4], tokenizer.pad_token_id)
+    n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+    total, ce, kd = train.step_losses(student, teacher, batch, n, train.LossSettings(kd_ratio=0.0), False)
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                  batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    assert total.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert ce == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_warmup_then_cosine():
+    values = [train.warmup_cosine(s, 100, 0.1) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0) and values[-1] < 0.01
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_nan_loss_stops_with_step_named(setup):
+    tokenizer, examples, student, teacher = setup
+    model = copy.deepcopy(student)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    settings = train.LoopSettings(max_steps=3, batch_size=8, precision="fp32")
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        train.train_loop(model, teacher, examples, tokenizer.pad_token_id, settings,
+                         train.LossSettings(), torch.device("cpu"))
