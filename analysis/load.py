@@ -59,6 +59,12 @@ BENCHMARK_METRICS: dict[str, tuple[str, str]] = {
     "n": ("n", "Int64"),
     "generated_tokens": ("gen_tokens", "Int64"),
 }
+# Recorded by some evaluations only; a column appears only where a run has it,
+# so frames of runs without it keep exactly the columns above.
+OPTIONAL_BENCHMARK_METRICS: dict[str, tuple[str, str]] = {
+    "per_problem": ("per_problem", "object"),  # list of per-problem scores, for bootstraps
+}
+_ALL_METRICS = {**BENCHMARK_METRICS, **OPTIONAL_BENCHMARK_METRICS}
 
 # Where each config-derived column lives in the resolved config.
 _CONFIG_PATHS: dict[str, tuple[str, ...]] = {
@@ -79,7 +85,8 @@ _SUMMARY_COLUMNS += ["accuracy", "accuracy_stderr"]
 # W&B run states mapped onto result.json statuses; others (crashed, running) are kept.
 _WANDB_STATUS = {"finished": "ok", "failed": "failed"}
 
-_ENTITY_PROJECT = re.compile(r"^[\w.-]+/[\w.-]+$")
+# entity/project, optionally :group ("team/kd:sections-vs-trunc").
+_ENTITY_PROJECT = re.compile(r"^(?P<path>[\w.-]+/[\w.-]+)(?::(?P<group>.+))?$")
 
 
 def _get(tree: Mapping | None, path: tuple[str, ...]) -> Any:
@@ -135,7 +142,7 @@ def _row(record: Mapping) -> dict[str, Any]:
     row.update({col: _get(config, path) for col, path in _CONFIG_PATHS.items()})
     row.update({col: summary.get(col) for col in _SUMMARY_COLUMNS})
     for bench, metric, value in _benchmark_items(summary):
-        row[f"{BENCHMARK_METRICS[metric][0]}_{bench}"] = value
+        row[f"{_ALL_METRICS[metric][0]}_{bench}"] = value
     return row
 
 
@@ -143,7 +150,7 @@ def _benchmark_items(summary: Mapping) -> Iterable[tuple[str, str, Any]]:
     """(benchmark, metric, value) for each eval/<benchmark>/<metric> summary key."""
     for key, value in summary.items():
         parts = key.split("/")
-        if len(parts) >= 3 and parts[0] == "eval" and parts[-1] in BENCHMARK_METRICS:
+        if len(parts) >= 3 and parts[0] == "eval" and parts[-1] in _ALL_METRICS:
             yield "/".join(parts[1:-1]), parts[-1], value
 
 
@@ -152,6 +159,8 @@ def _clean(value: Any, dtype: str) -> Any:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     try:
+        if dtype == "object":  # a list of scores
+            return [float(v) for v in value] if isinstance(value, (list, tuple)) else None
         if dtype == "string":
             return value if isinstance(value, str) else json.dumps(value)
         if dtype == "boolean":
@@ -170,12 +179,16 @@ def _clean(value: Any, dtype: str) -> Any:
 def runs_frame(records: list[dict]) -> pd.DataFrame:
     """One typed row per run record (result.json shape), sorted by (sweep, run_id)."""
     rows = [_row(record) for record in records]
-    benches = sorted({bench for record in records
-                      for bench, _, _ in _benchmark_items(_flatten(record.get("summary")))})
-    # Every benchmark gets all four columns, grouped per benchmark, in name order.
+    seen = {(bench, metric) for record in records
+            for bench, metric, _ in _benchmark_items(_flatten(record.get("summary")))}
+    # Every benchmark gets all four columns, grouped per benchmark, in name order;
+    # optional metrics follow its four where some run recorded them.
     dtypes = dict(COLUMNS)
-    dtypes.update({f"{prefix}_{bench}": dtype for bench in benches
-                   for prefix, dtype in BENCHMARK_METRICS.values()})
+    for bench in sorted({bench for bench, _ in seen}):
+        dtypes.update({f"{prefix}_{bench}": dtype for prefix, dtype in BENCHMARK_METRICS.values()})
+        dtypes.update({f"{prefix}_{bench}": dtype
+                       for metric, (prefix, dtype) in OPTIONAL_BENCHMARK_METRICS.items()
+                       if (bench, metric) in seen})
     data = {col: pd.Series([_clean(row.get(col), dtype) for row in rows], dtype=dtype)
             for col, dtype in dtypes.items()}
     frame = pd.DataFrame(data, columns=list(dtypes))
@@ -205,6 +218,11 @@ def load_results(sweep_dir) -> pd.DataFrame:
     return runs_frame(read_result_records(sweep_dir))
 
 
+def wandb_status(state: str | None) -> str | None:
+    """A W&B run state as a result.json status (finished -> ok, failed -> failed)."""
+    return _WANDB_STATUS.get(state, state)
+
+
 def wandb_record(run) -> dict:
     """An OfflineRun as a result.json-shaped record."""
     summary = dict(run.summary)
@@ -214,7 +232,7 @@ def wandb_record(run) -> dict:
     return {
         "run_id": run.run_id,
         "sweep": run.group,
-        "status": _WANDB_STATUS.get(run.state, run.state),
+        "status": wandb_status(run.state),
         "error": error,
         "config": run.config,
         "summary": summary,
@@ -241,8 +259,19 @@ def _has_wandb_runs(root: Path) -> bool:
     return bool(find_runs(root))
 
 
-def load(source) -> pd.DataFrame:
-    """Runs frame from a sweep directory (result.json files) or offline W&B runs."""
+def online_path(source) -> tuple[str, str | None] | None:
+    """('entity/project', group or None) if source names a W&B project, else None."""
+    match = _ENTITY_PROJECT.match(str(source))
+    return (match["path"], match["group"]) if match else None
+
+
+def load(source, group: str | None = None, tags=None, state: str | None = None,
+         api=None) -> pd.DataFrame:
+    """Runs frame from a sweep directory (result.json files), offline W&B runs, or
+    an online W&B project ``entity/project[:group]`` (group, tags, state filter it).
+
+    A local path wins over the W&B reading of the same string.
+    """
     path = Path(source)
     if path.is_dir():
         if next(path.rglob("result.json"), None) is not None:
@@ -252,9 +281,14 @@ def load(source) -> pd.DataFrame:
         raise FileNotFoundError(f"{path}: no result.json files and no offline W&B runs below it")
     if path.exists():
         raise NotADirectoryError(f"{path}: expected a sweep directory or a W&B run directory")
-    if _ENTITY_PROJECT.match(str(source)):
-        raise NotImplementedError(
-            f"{source!r} is not a local path and looks like a W&B 'entity/project'; "
-            "loading online W&B projects is not supported yet - sync or point at a local "
-            "sweep directory or offline W&B runs instead")
-    raise FileNotFoundError(f"{path}: no such directory")
+    online = online_path(source)
+    # "multirun/typo" looks like entity/project too; a local first part says it is a path.
+    if online is not None and not Path(online[0].split("/")[0]).exists():
+        from analysis.online import load_online
+
+        project, named_group = online
+        if named_group and group and named_group != group:
+            raise ValueError(f"{source!r} names group {named_group!r} but group={group!r} "
+                             "was also given; give one")
+        return load_online(project, group=group or named_group, tags=tags, state=state, api=api)
+    raise FileNotFoundError(f"{path}: no such directory, and not a W&B 'entity/project'")

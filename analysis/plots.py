@@ -7,13 +7,14 @@ GUI backend is needed and nothing touches pyplot's global figure list.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from analysis.checks import as_columns, check_comparable, curve_keys
 from analysis.stats import mean_stderr, pareto_front
 
 AXIS_LABELS = {
@@ -56,7 +57,13 @@ def preset_labels(df: pd.DataFrame) -> pd.Series:
     return names.where(~ambiguous.astype(bool), names + " (" + include.fillna("?") + ")")
 
 
-def _points(ok: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs that finished (status ok); the only ones any figure draws."""
+    status = df["status"] if "status" in df else pd.Series(["ok"] * len(df), index=df.index)
+    return df[(status == "ok").fillna(False).to_numpy()]
+
+
+def _points(ok: pd.DataFrame, x: str, y: str, group_by=None) -> pd.DataFrame:
     """One point per (sections, trunc).
 
     Several seeds of a grid point are averaged and their spread gives the error
@@ -64,7 +71,7 @@ def _points(ok: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     """
     err = stderr_column(y)
     rows = []
-    labels = preset_labels(ok)
+    labels = curve_keys(ok, group_by)
     for (preset, trunc), group in ok.groupby([labels, ok["trunc"]], dropna=False, sort=True):
         ys = group[y].astype(float)
         if len(group) > 1:
@@ -83,19 +90,42 @@ def _runs(n: int) -> str:
     return f"{n} run" if n == 1 else f"{n} runs"
 
 
-def _footnote(df: pd.DataFrame, dropped: int) -> str:
-    """Which runs are not in the plot, and why."""
+def _listed(items: list[str], sep: str = ", ") -> str:
+    more = len(items) - MAX_LISTED_IDS
+    return sep.join(items[:MAX_LISTED_IDS]) + (f"{sep}... ({more} more)" if more > 0 else "")
+
+
+def _point_text(point: str | Mapping[str, Any]) -> str:
+    if isinstance(point, str):
+        return point
+    from analysis.grid import describe
+
+    return describe(point)
+
+
+def footnote(df: pd.DataFrame, missing: Iterable[str | Mapping] = (), dropped: int = 0) -> str:
+    """Which runs and grid points are not in a figure, and why (empty if none)."""
     status = df["status"].astype(object) if "status" in df else pd.Series(["ok"] * len(df))
     failed = df[~status.isin(["ok", "running"]).to_numpy()]
     lines = []
     if len(failed):
         run_ids = failed["run_id"] if "run_id" in failed else pd.Series([None] * len(failed))
         ids = [str(i) for i in run_ids.astype(object).fillna("?")]
-        shown = ", ".join(ids[:MAX_LISTED_IDS]) + (", ..." if len(ids) > MAX_LISTED_IDS else "")
-        lines.append(f"{_runs(len(failed))} failed, not shown: {shown}")
+        lines.append(f"{_runs(len(failed))} failed, not shown: {_listed(ids)}")
     if dropped:
         lines.append(f"{_runs(dropped)} ok but without x/y values, not shown")
+    points = [_point_text(p) for p in missing]
+    if points:
+        noun = "grid point" if len(points) == 1 else "grid points"
+        lines.append(f"{len(points)} {noun} of the sweep without a result: {_listed(points, '; ')}")
     return "\n".join(lines)
+
+
+def add_footnote(fig: Figure, text: str) -> None:
+    """Text below everything in fig; save_figure's tight box keeps it in the file."""
+    if text:
+        fig.text(0.0, 0.0, text, ha="left", va="top", fontsize=7, color="dimgrey",
+                 transform=fig.transFigure)
 
 
 def _draw_front(ax: Axes, points: pd.DataFrame, x: str, y: str) -> None:
@@ -109,18 +139,21 @@ def _draw_front(ax: Axes, points: pd.DataFrame, x: str, y: str) -> None:
 
 
 def plot_tradeoff(df: pd.DataFrame, ax: Axes | None = None, x: str = "train_flops",
-                  y: str = "accuracy") -> Axes:
-    """Metric y against cost x (log scale), one line per sections preset.
+                  y: str = "accuracy", group_by=None,
+                  missing: Iterable[str | Mapping] = ()) -> Axes:
+    """Metric y against cost x (log scale), one line per sections preset (and group_by value).
 
-    Only ok runs are drawn; failed runs are listed in a footnote.
+    Only ok runs are drawn; failed runs and missing grid points are listed in
+    a footnote. Runs of one curve that differ in model, data or loss are
+    refused (see check_comparable).
     """
+    check_comparable(df, group_by)
     if ax is None:
         ax = Figure(figsize=(7, 4.5), layout="constrained").subplots()
-    status = df["status"] if "status" in df else pd.Series(["ok"] * len(df), index=df.index)
-    ok = df[(status == "ok").fillna(False).to_numpy()]
+    ok = ok_runs(df)
     usable = ok[(pd.to_numeric(ok[x], errors="coerce") > 0).fillna(False).to_numpy()
                 & pd.to_numeric(ok[y], errors="coerce").notna().to_numpy()]
-    points = _points(usable, x, y)
+    points = _points(usable, x, y, group_by)
 
     for preset, line in points.groupby("sections", sort=True):
         line = line.sort_values(x)
@@ -136,14 +169,18 @@ def plot_tradeoff(df: pd.DataFrame, ax: Axes | None = None, x: str = "train_flop
     ax.set_ylabel(axis_label(y))
     ax.grid(True, which="major", alpha=0.3)
     if not points.empty:
-        ax.legend(title="sections", fontsize=8, title_fontsize=8)
-    note = _footnote(df, len(ok) - len(usable))
+        ax.legend(title=legend_title(group_by), fontsize=8, title_fontsize=8)
+    note = footnote(df, missing, len(ok) - len(usable))
     if note:
         # Below the x label, in axes coordinates so it follows the axes size.
         ax.annotate(note, xy=(0, 0), xycoords="axes fraction", xytext=(0, -36),
                     textcoords="offset points", ha="left", va="top", fontsize=7,
                     color="dimgrey")
     return ax
+
+
+def legend_title(group_by=None) -> str:
+    return " · ".join(["sections"] + as_columns(group_by))
 
 
 def save_figure(fig: Figure, out_dir, name: str,

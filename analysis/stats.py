@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from statistics import NormalDist
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -106,3 +107,62 @@ def pareto_front(df: pd.DataFrame, x: str = "train_flops", y: str = "accuracy") 
     front = df[valid][on_front]
     order = np.lexsort((-py[on_front], px[on_front]))
     return front.iloc[order]
+
+
+def normal_ci(mean: float, stderr: float, level: float = 0.95) -> tuple[float, float]:
+    """mean ± z·stderr, the normal-approximation interval (NaN if stderr is unknown)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if not (math.isfinite(mean) and math.isfinite(stderr)):
+        return math.nan, math.nan
+    z = NormalDist().inv_cdf(0.5 + level / 2)  # 1.95996... for 95 %
+    return mean - z * stderr, mean + z * stderr
+
+
+def interval(values: Iterable, stderrs: Iterable = (), per_problem: Sequence | None = None,
+             level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of one grid point's runs and a confidence interval, saying how it was made.
+
+    With two or more runs (seeds) the interval is a seeded percentile bootstrap
+    over the runs. With one run it is a bootstrap over that run's per-problem
+    scores when they were recorded, else the normal interval from the stderr
+    its evaluation reported; with neither it is NaN.
+    """
+    runs = _finite(values)
+    out = {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "runs": int(runs.size),
+           "interval": "none"}
+    if runs.size == 0:
+        return out
+    out["mean"] = float(runs.mean())
+    problems = _finite(per_problem) if per_problem is not None else np.empty(0)
+    errs = _finite(stderrs)
+    if runs.size > 1:
+        low, high = bootstrap_ci(runs, n_boot=n_boot, level=level, seed=seed)
+        method = f"bootstrap over {runs.size} runs"
+    elif problems.size > 1:
+        low, high = bootstrap_ci(problems, n_boot=n_boot, level=level, seed=seed)
+        method = f"bootstrap over {problems.size} problems"
+    elif errs.size == 1:
+        low, high = normal_ci(out["mean"], float(errs[0]), level)
+        method = "normal, from eval stderr"
+    else:
+        return out
+    out.update(ci_low=low, ci_high=high, interval=method)
+    return out
+
+
+def retained_averages(accuracy: Mapping[str, float],
+                      reference: Mapping[str, float]) -> tuple[float, float]:
+    """(mean of ratios, ratio of means) of accuracy vs reference over shared benchmarks.
+
+    Mean of ratios weighs every benchmark equally in relative terms (a hard
+    benchmark at 0.1 → 0.05 counts as 50 %); ratio of means weighs benchmarks by
+    their accuracy (the same drop barely moves it). Benchmarks missing on
+    either side, or whose reference is 0, are left out of both.
+    """
+    pairs = [(_finite([accuracy[b]]), _finite([reference[b]])) for b in accuracy if b in reference]
+    pairs = [(a[0], r[0]) for a, r in pairs if a.size and r.size and r[0] != 0]
+    if not pairs:
+        return math.nan, math.nan
+    acc, ref = np.array(pairs, dtype=float).T
+    return float(np.mean(acc / ref)), float(acc.mean() / ref.mean())

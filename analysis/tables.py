@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.aggregate import grid_points
+from analysis.checks import as_columns
 from analysis.stats import retained
 
 MIB = 2**20
@@ -65,6 +67,45 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     table[ACCURACY] = pd.Series([_accuracy_text(a, e) for a, e in zip(acc, err)],
                                 index=ok.index, dtype=object)
     table[RETAINED] = (100 * ok["_retained"]).round(1)
+    return table.reset_index(drop=True)
+
+
+def _percent(values: pd.Series) -> pd.Series:
+    return (100 * pd.to_numeric(values, errors="coerce").astype(float)).round(1)
+
+
+def paper_table(df: pd.DataFrame, group_by=None, level: float = 0.95,
+                seed: int = 0) -> pd.DataFrame:
+    """Accuracy per (sections, trunc, benchmark) over the seeds of each grid point.
+
+    The interval is a seeded bootstrap over runs (or problems) where there are
+    several, else the normal interval from the evaluation's stderr; the
+    ``interval`` column says which. % retained is per benchmark, and averaged
+    over benchmarks both ways (the column names say which). Costs are means
+    over the point's runs and repeat on its benchmark rows.
+    """
+    points = grid_points(df, group_by, level=level, seed=seed)
+    pct = f"{level:.0%}"
+    table = pd.DataFrame({"sections": points["sections"].astype(object)})
+    for col in as_columns(group_by):
+        table[col] = points[col]
+    table["trunc"] = pd.to_numeric(points["trunc"], errors="coerce").astype(float)
+    table["benchmark"] = points["benchmark"].astype(object)
+    table["runs"] = points["runs"].astype("Int64")
+    table["accuracy (%)"] = _percent(points["mean"])
+    table[f"{pct} CI low (%)"] = _percent(points["ci_low"])
+    table[f"{pct} CI high (%)"] = _percent(points["ci_high"])
+    table["interval"] = points["interval"].astype(object)
+    table["% retained (this benchmark)"] = _percent(points["retained"])
+    table["% retained, mean of ratios over benchmarks"] = _percent(
+        points["retained_mean_of_ratios"])
+    table["% retained, ratio of means over benchmarks"] = _percent(
+        points["retained_ratio_of_means"])
+    table["train FLOPs"] = points["train_flops"].astype(float)
+    table["train time (s)"] = points["train_time_s"].astype(float).round(1)
+    table["peak memory (MiB)"] = (points["peak_memory_bytes"].astype(float) / MIB).round(1)
+    for col in ("tokens_trained", "tokens_supervised"):  # means over seeds, whole tokens
+        table[col.replace("_", " ")] = points[col].astype(float).round().astype("Int64")
     return table.reset_index(drop=True)
 
 

@@ -39,5 +39,6 @@ def run_point(cfg: DictConfig) -> dict:
             write_json_atomic(output_dir / RESULT_FILE, {
                 "run_id": None, "sweep": cfg.sweep, "status": "failed",
                 "error": f"{type(err).__name__}: {err}", "overrides": overrides, "config": None,
-                "summary": {}, "started_at": now_iso(), "finished_at": now_iso()})
+                "summary": {}, "started_at": now_iso(), "finished_at": now_iso(),
+                "launched_at": now_iso(), "last_action": "failed"})
         return {"status": "failed", "error": str(err)}

@@ -10,7 +10,7 @@ import hashlib
 import json
 
 # Keys that say where/how a point runs or is logged, not what it computes.
-NON_IDENTITY_KEYS = ("logger", "output_dir", "cache_dir", "sweep", "extra", "launcher")
+NON_IDENTITY_KEYS = ("logger", "output_dir", "cache_dir", "sweep", "extra", "launcher", "force", "hydra")
 
 
 def identity_config(resolved: dict) -> dict:
@@ -21,3 +21,14 @@ def run_id(resolved: dict) -> str:
     """12 hex digits of sha256 over the canonical JSON of the identity config."""
     payload = json.dumps(identity_config(resolved), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def point_id_resolver(*, _root_) -> str:
+    """OmegaConf resolver ``${kd_point_id:}``: the run id of the config it sits in, so Hydra can name
+    a job's directory after it (``hydra.sweep.subdir``). Only the identity keys are resolved, never
+    the ``hydra`` node that holds this interpolation."""
+    from omegaconf import OmegaConf
+
+    resolved = {key: OmegaConf.to_container(_root_[key], resolve=True) if OmegaConf.is_config(_root_[key])
+                else _root_[key] for key in _root_ if key not in NON_IDENTITY_KEYS}
+    return run_id(resolved)

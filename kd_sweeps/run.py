@@ -13,9 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_sweeps import data, evaluate, identity, models, train
+from kd_sweeps.checkpoint import TrainState
 from kd_sweeps.cost import CostMeter, ModelShape
 from kd_sweeps.memory import PeakMemory
-from kd_sweeps.tracking import Tracker
+from kd_sweeps.tracking import RESULT_FILE, Tracker, mark_skipped, read_result
 from kd_sweeps.validation import validate
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,11 @@ def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     point_id = identity.run_id(resolved)
     output_dir = Path(cfg.output_dir)
+    done = read_result(output_dir)
+    if done and done.get("status") == "ok" and done.get("run_id") == point_id and not cfg.force:
+        log.info("run %s is done (%s); skipped (force=true reruns it)", point_id, output_dir / RESULT_FILE)
+        mark_skipped(output_dir, done)
+        return done["summary"]
     with Tracker(output_dir, point_id, cfg.sweep, resolved, cfg.logger, overrides) as tracker:
         summary = _train_and_evaluate(cfg, tracker, output_dir)
         tracker.set_summary(summary)
@@ -71,6 +77,9 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> 
     teacher, student = models.load_pair(cfg, tokenizer, device)
     meter = CostMeter(ModelShape.from_config(student.model.config), ModelShape.from_config(teacher.model.config))
 
+    counters = {"train_time_s": 0.0}  # wall time of finished steps, carried across a resume
+    meter_fields = ("flops_student", "flops_teacher", "tokens_trained", "tokens_supervised", "tokens_padded")
+
     def on_step(step: int, metrics: dict, lengths: list[int], shapes: list[tuple]) -> None:
         start = 0
         for batch_shape in shapes:
@@ -81,12 +90,22 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps - 1:
             tracker.log_step(step, metrics)
 
+    def get_extra() -> dict:
+        elapsed = counters["train_time_s"] + time.perf_counter() - started
+        return {"train_time_s": elapsed, **{k: getattr(meter, k) for k in meter_fields}}
+
+    def set_extra(extra: dict) -> None:
+        counters["train_time_s"] = extra["train_time_s"]
+        for key in meter_fields:
+            setattr(meter, key, extra[key])
+
+    resume = train.Resume(TrainState(output_dir / "train_state"), cfg.train.checkpoint_every, get_extra, set_extra)
     with PeakMemory(device) as memory:
         started = time.perf_counter()
         last = train.train_loop(student.model, teacher.model, examples, tokenizer.pad_token_id,
                                 loop_settings(cfg), loss_settings(cfg), device, on_step,
-                                desc=f"trunc={cfg.trunc} {cfg.sections.name}")
-        train_time = time.perf_counter() - started
+                                desc=f"trunc={cfg.trunc} {cfg.sections.name}", resume=resume)
+        train_time = counters["train_time_s"] + time.perf_counter() - started
     student.model.save_pretrained(output_dir / "checkpoint")
     tokenizer.save_pretrained(output_dir / "checkpoint")
     summary = {**meter.summary(), "train_time_s": train_time, "peak_memory_bytes": memory.peak_bytes,
@@ -106,6 +125,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> 
         stderrs.append(result.stderr)
     summary["accuracy"] = sum(accuracies) / len(accuracies)
     summary["accuracy_stderr"] = (sum(s**2 for s in stderrs) ** 0.5) / len(stderrs)
+    resume.state.remove()  # the run is complete: a rerun is skipped, not resumed
     log.info("run %s: accuracy %.3f ± %.3f, %.3g training FLOPs, %.1f s", tracker.run_id,
              summary["accuracy"], summary["accuracy_stderr"], summary["train_flops"], train_time)
     return summary

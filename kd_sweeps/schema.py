@@ -88,6 +88,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 (autocast) | fp32
     num_threads: int = 0  # CPU threads for torch; 0 = leave torch's default
     log_every: int = 10
+    checkpoint_every: int = 0  # save the exact training state every N steps (0: only on preemption)
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -126,10 +127,17 @@ class Config:
     cache_dir: str = "${oc.env:KD_SWEEPS_CACHE,${oc.env:HOME}/.cache/kd-sweeps}"  # embedded models
     output_dir: str = "."  # where result.json and the W&B run go (Hydra's job dir)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into the run
+    force: bool = False  # rerun a point whose result says it is done (otherwise it is skipped)
 
 
 def register_configs() -> None:
     """Register the schema so ``conf/config.yaml`` can extend it (``defaults: [schema, ...]``)."""
     from hydra.core.config_store import ConfigStore
 
+    from omegaconf import OmegaConf
+
+    from kd_sweeps.identity import point_id_resolver
+
     ConfigStore.instance().store(name="schema", node=Config)
+    if not OmegaConf.has_resolver("kd_point_id"):
+        OmegaConf.register_new_resolver("kd_point_id", point_id_resolver)

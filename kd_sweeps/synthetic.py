@@ -23,6 +23,7 @@ BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 class Problem:
     start: int
     steps: tuple[tuple[str, int], ...]  # (operator, operand) with operator "+" or "-"
+    order: tuple[int, ...] = ()  # the order the prompt lists the steps in (empty = a, b, c, ...)
 
     @property
     def values(self) -> list[int]:
@@ -53,7 +54,8 @@ def sample_problem(rng: random.Random, min_steps: int, max_steps: int) -> Proble
 
 
 def prompt_text(problem: Problem) -> str:
-    ops = " ".join(f"{op}{n}{STEP_LABELS[i]}" for i, (op, n) in enumerate(problem.steps))
+    order = problem.order or range(len(problem.steps))
+    ops = " ".join(f"{STEP_LABELS[i]}{problem.steps[i][0]}{problem.steps[i][1]}" for i in order)
     return f"Start at {problem.start} and apply {ops}. What is the result?"
 
 

@@ -50,6 +50,20 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         raise
 
 
+def read_result(output_dir: Path) -> Optional[dict]:
+    """The point's result.json, or None if there is none (or it cannot be parsed)."""
+    try:
+        return json.loads((Path(output_dir) / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mark_skipped(output_dir: Path, result: dict) -> None:
+    """Record that this launch found the point done, so the sweep summary can count it."""
+    write_json_atomic(Path(output_dir) / RESULT_FILE, {**result, "last_action": "skipped",
+                                                       "launched_at": now_iso()})
+
+
 class Tracker:
     """One grid point's record keeping. Use as a context manager: the run is always finished."""
 
@@ -60,7 +74,8 @@ class Tracker:
         self.logger_cfg = logger_cfg
         self.result = {"run_id": run_id, "sweep": sweep, "status": "running", "error": None,
                        "overrides": list(overrides or []), "config": config, "summary": {},
-                       "started_at": now_iso(), "finished_at": None}
+                       "started_at": now_iso(), "finished_at": None, "launched_at": now_iso(),
+                       "last_action": "ran"}
         self.wandb_run = None
 
     def __enter__(self) -> "Tracker":
@@ -94,6 +109,7 @@ class Tracker:
         self.result["status"] = "failed" if failed else "ok"
         if failed:
             self.result["error"] = f"{exc_type.__name__}: {exc}"
+            self.result["last_action"] = "failed"
         self.result["finished_at"] = now_iso()
         try:
             write_json_atomic(self.output_dir / RESULT_FILE, self.result)

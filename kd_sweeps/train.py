@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from kd_sweeps.checkpoint import PreemptionGuard, TrainState
 from kd_sweeps.data import IGNORE_INDEX, TrainExample, collate, length_grouped_batches
 from kd_sweeps.losses import ce_loss, kd_loss
 
@@ -76,72 +77,102 @@ def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: Los
     return total * (n_here / max(1, n_step_supervised)), ce.item(), kd.item()
 
 
+@dataclass
+class Resume:
+    """Exact resume: where the state lives, how often to save it, and the caller's own counters."""
+
+    state: TrainState
+    every: int = 0  # also save every N steps (0: only when a preemption signal arrives)
+    get_extra: Callable[[], dict] = dict  # counters to save with the state (cost, time)
+    set_extra: Callable[[dict], None] = lambda extra: None
+
+
 def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
                settings: LoopSettings, loss: LossSettings, device: torch.device,
-               on_step: Optional[Callable[[int, dict, list, tuple], None]] = None,
-               desc: str = "train") -> dict:
-    """Train ``student`` in place. ``on_step(step, metrics, batch_lengths, padded_shape)`` is called
-    after every optimizer step (logging and cost accounting live there). Returns the last metrics."""
+               on_step: Optional[Callable[[int, dict, list, list], None]] = None,
+               desc: str = "train", resume: Optional[Resume] = None) -> dict:
+    """Train ``student`` in place. ``on_step(step, metrics, batch_lengths, micro_batch_shapes)`` is
+    called after every optimizer step (logging and cost accounting live there). With ``resume``,
+    a saved state is restored first and a preemption signal saves one and stops at a step boundary.
+    Returns the last step's metrics."""
     torch.manual_seed(settings.seed)
     student.train()
     if teacher is not None:
         teacher.eval()
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]  # norms and biases
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]  # norms and biases
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr,
                                   betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, settings.max_steps, settings.warmup_ratio))
+    first_step = 0
+    if resume is not None and resume.state.exists():
+        first_step, extra = resume.state.load(student, optimizer, schedule)
+        resume.set_extra(extra)
     batches = length_grouped_batches([len(e.input_ids) for e in examples], settings.batch_size,
                                      settings.seed)
-    autocast = settings.precision == "bf16"
-    micro = settings.batch_size // settings.grad_accum
-    progress = _progress(settings.max_steps, desc)
+    for _ in range(first_step):  # the batch order is a pure function of (seed, step)
+        next(batches)
+    progress = _progress(settings.max_steps, desc, first_step)
     metrics: dict = {}
-    for step in range(settings.max_steps):
-        started = time.perf_counter()
-        chosen = [examples[i] for i in next(batches)]
-        n_supervised = sum(e.n_supervised for e in chosen)
-        ce_sum = kd_sum = 0.0
-        total_value = 0.0
-        shapes = []
-        for start in range(0, len(chosen), micro):
-            batch = {k: v.to(device) for k, v in collate(chosen[start:start + micro], pad_id).items()}
-            shapes.append(tuple(batch["input_ids"].shape))
-            scaled, ce, kd = step_losses(student, teacher, batch, n_supervised, loss, autocast)
-            scaled.backward()
-            share = sum(e.n_supervised for e in chosen[start:start + micro]) / max(1, n_supervised)
-            ce_sum, kd_sum, total_value = ce_sum + ce * share, kd_sum + kd * share, total_value + scaled.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = schedule.get_last_lr()[0]
-        schedule.step()
-        if not math.isfinite(total_value):
-            raise FloatingPointError(f"{desc}: loss is {total_value} at step {step} "
-                                     f"(ce={ce_sum}, kd={kd_sum}, batch lengths "
-                                     f"{[len(e.input_ids) for e in chosen]})")
-        seconds = time.perf_counter() - started
-        tokens = sum(len(e.input_ids) for e in chosen)
-        metrics = {"loss": total_value, "ce_loss": ce_sum, "kd_loss": kd_sum, "lr": lr,
-                   "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(seconds, 1e-9),
-                   "supervised_tokens": n_supervised}
-        if on_step is not None:
-            on_step(step, metrics, [len(e.input_ids) for e in chosen], shapes)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{total_value:.3f}", refresh=False)
+    with PreemptionGuard() as guard:
+        for step in range(first_step, settings.max_steps):
+            chosen = [examples[i] for i in next(batches)]
+            metrics, shapes = _optimizer_step(student, teacher, chosen, pad_id, settings, loss,
+                                              optimizer, schedule, device, step, desc)
+            if on_step is not None:
+                on_step(step, metrics, [len(e.input_ids) for e in chosen], shapes)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+            done = step + 1
+            if resume is not None and (guard.requested or (resume.every and done % resume.every == 0)):
+                resume.state.save(done, student, optimizer, schedule, resume.get_extra())
+            if guard.requested:
+                guard.hand_over(done)
     if progress is not None:
         progress.close()
     student.eval()
     return metrics
 
 
-def _progress(total: int, desc: str):
+def _optimizer_step(student, teacher, chosen, pad_id, settings, loss, optimizer, schedule, device,
+                    step, desc) -> tuple[dict, list]:
+    """One optimizer step over ``chosen`` split into grad_accum micro-batches."""
+    started = time.perf_counter()
+    n_supervised = sum(e.n_supervised for e in chosen)
+    micro = settings.batch_size // settings.grad_accum
+    ce_sum = kd_sum = total_value = 0.0
+    shapes = []
+    for start in range(0, len(chosen), micro):
+        part = chosen[start:start + micro]
+        batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+        shapes.append(tuple(batch["input_ids"].shape))
+        scaled, ce, kd = step_losses(student, teacher, batch, n_supervised, loss,
+                                     settings.precision == "bf16")
+        scaled.backward()
+        share = sum(e.n_supervised for e in part) / max(1, n_supervised)
+        ce_sum, kd_sum, total_value = ce_sum + ce * share, kd_sum + kd * share, total_value + scaled.item()
+    if not math.isfinite(total_value):
+        raise FloatingPointError(f"{desc}: loss is {total_value} at step {step} (ce={ce_sum}, "
+                                 f"kd={kd_sum}; batch lengths {[len(e.input_ids) for e in chosen]})")
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = schedule.get_last_lr()[0]
+    schedule.step()
+    seconds = time.perf_counter() - started
+    tokens = sum(len(e.input_ids) for e in chosen)
+    return {"loss": total_value, "ce_loss": ce_sum, "kd_loss": kd_sum, "lr": lr,
+            "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(seconds, 1e-9),
+            "supervised_tokens": n_supervised}, shapes
+
+
+def _progress(total: int, desc: str, initial: int = 0):
     """A tqdm bar in a terminal; nothing in logs (Slurm, CI) where a bar only adds noise."""
     if not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)

@@ -100,6 +100,7 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
     _positive(issues, "train.weight_decay", train.weight_decay, strict=False)
     _positive(issues, "train.grad_clip", train.grad_clip, strict=False)
     _positive(issues, "train.num_threads", train.num_threads, strict=False)
+    _positive(issues, "train.checkpoint_every", train.checkpoint_every, strict=False)
     _unit_interval(issues, "train.warmup_ratio", train.warmup_ratio)
     _choice(issues, "train.precision", train.precision, PRECISIONS)
     _choice(issues, "train.device", train.device, DEVICES)

@@ -228,8 +228,10 @@ def test_offline_wandb_skips_corrupt_log(wandb_root, tmp_path):
 
 def test_load_dispatch_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(NotImplementedError, match="entity/project"):
-        load("my-team/kd-sweeps")
+    (tmp_path / "multirun").mkdir()
+    # Looks like entity/project, but its first part is a local folder: a mistyped path.
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load("multirun/typo")
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()

@@ -41,11 +41,21 @@ def launch(args, cwd: Path, cache_dir: Path, check: bool = True) -> subprocess.C
     return proc
 
 
+def point_results(sweep_dir: Path) -> list[dict]:
+    """Every point's result.json, ordered by trunc; each folder is named by the point's id."""
+    results = []
+    for path in sweep_dir.glob("*/result.json"):
+        result = json.loads(path.read_text())
+        assert result["run_id"] in (None, path.parent.name)
+        results.append(result)
+    return sorted(results, key=lambda r: (r["config"] or {}).get("trunc") or r["overrides"][0])
+
+
 def test_sweep_trains_evaluates_records_and_summarizes(tmp_path, cache_dir):
     sweep_dir = tmp_path / "sweep"
     proc = launch(["-m", "trunc=0.5,1.0", "sweep=e2e", f"hydra.sweep.dir={sweep_dir}", *FAST],
                   tmp_path, cache_dir)
-    results = [json.loads((sweep_dir / str(i) / "result.json").read_text()) for i in range(2)]
+    results = point_results(sweep_dir)
     assert [r["status"] for r in results] == ["ok", "ok"]
     assert [r["config"]["trunc"] for r in results] == [0.5, 1.0]
     half, full = (r["summary"] for r in results)
@@ -62,7 +72,7 @@ def test_sweep_trains_evaluates_records_and_summarizes(tmp_path, cache_dir):
         assert run.group == "e2e" and run.state == "finished"
         assert run.config["trunc"] == r["config"]["trunc"]
         assert run.summary["train_flops"] == pytest.approx(r["summary"]["train_flops"])
-    assert (sweep_dir / "0" / "checkpoint" / "model.safetensors").exists()
+    assert (sweep_dir / results[0]["run_id"] / "checkpoint" / "model.safetensors").exists()
     # The end-of-sweep table and plot.
     assert "| trunc |" in proc.stdout and "tradeoff plot:" in proc.stdout
     assert (sweep_dir / "tradeoff.png").stat().st_size > 0
@@ -70,6 +80,13 @@ def test_sweep_trains_evaluates_records_and_summarizes(tmp_path, cache_dir):
     # The embedded models were prepared once and cached for the next sweep.
     assert len(list(cache_dir.glob("teacher-*/prep.json"))) == 1
     assert len(list(cache_dir.glob("base-*/prep.json"))) == 1
+    assert "2 grid point(s): 2 ran, 0 skipped" in proc.stdout
+    # The same sweep again: every point is done, so nothing is trained; force=true reruns them.
+    again = launch(["-m", "trunc=0.5,1.0", "sweep=e2e", f"hydra.sweep.dir={sweep_dir}", *FAST],
+                   tmp_path, cache_dir)
+    assert "2 grid point(s): 0 ran, 2 skipped" in again.stdout and "| trunc |" in again.stdout
+    assert point_results(sweep_dir) == [{**r, "last_action": "skipped", "launched_at": n["launched_at"]}
+                                        for r, n in zip(results, point_results(sweep_dir))]
 
 
 def test_a_failing_point_is_recorded_and_its_sibling_still_runs(tmp_path, cache_dir):
@@ -79,11 +96,12 @@ def test_a_failing_point_is_recorded_and_its_sibling_still_runs(tmp_path, cache_
     proc = launch(["-m", "trunc=0.25,1.0", "sections=ans", "sweep=e2e-fail", f"hydra.sweep.dir={sweep_dir}",
                    "logger=disabled", *FAST], tmp_path, cache_dir, check=False)
     assert proc.returncode != 0
-    failed = json.loads((sweep_dir / "0" / "result.json").read_text())
-    ok = json.loads((sweep_dir / "1" / "result.json").read_text())
-    assert failed["status"] == "failed" and "have a supervised token" in failed["error"]
+    failed, ok = point_results(sweep_dir)
+    assert failed["config"]["trunc"] == 0.25 and failed["status"] == "failed"
+    assert "have a supervised token" in failed["error"]
     assert ok["status"] == "ok"
-    assert "1 grid point(s) failed" in proc.stdout
+    assert "2 grid point(s): 1 ran, 0 skipped (already done), 1 failed" in proc.stdout
+    assert "1 grid point(s) failed" in proc.stderr
 
 
 def test_bad_config_fails_before_any_work(tmp_path, cache_dir):

@@ -45,7 +45,9 @@ def test_gradient_accumulation_does_not_change_the_step(setup):
     losses_1, params_1 = run(setup, grad_accum=1)
     losses_4, params_4 = run(setup, grad_accum=4)
     assert losses_1 == pytest.approx(losses_4, rel=1e-9)
-    assert torch.allclose(params_1, params_4, rtol=1e-9, atol=1e-12)
+    # Adam divides by sqrt(v): float64 rounding (~1e-16) in the summed gradient can show up
+    # around 1e-9 in parameters whose gradient is near zero; anything larger is a real difference.
+    assert (params_1 - params_4).abs().max().item() < 1e-8
 
 
 def test_teacher_is_not_updated_and_student_is(setup):

@@ -1,0 +1,185 @@
+"""``python -m analysis {tradeoff,paper} SOURCE --out DIR``: tables and figures of a sweep.
+
+SOURCE is a sweep's output directory (result.json files), a folder of offline
+W&B runs, or an online W&B project ``entity/project[:group]``. The command
+prints the table, the failed runs and the grid points without a result, and
+the paths it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+log = logging.getLogger("analysis")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    tradeoff = commands.add_parser("tradeoff", help="FLOPs-vs-accuracy plot and per-run table")
+    paper = commands.add_parser("paper", help="the paper's four figures and accuracy table")
+    for sub in (tradeoff, paper):
+        sub.add_argument("source", help="sweep dir, folder of offline W&B runs, or "
+                                        "entity/project[:group]")
+        sub.add_argument("--out", type=Path, default=Path("figures"),
+                         help="folder for figures and tables (default: figures)")
+        sub.add_argument("--group", help="W&B group (the sweep name) to read, online only")
+        sub.add_argument("--tags", nargs="+", help="online: runs with any of these tags")
+        sub.add_argument("--state", help="online: runs in this W&B state, e.g. finished")
+        sub.add_argument("--sweep-dir", type=Path, action="append",
+                         help="sweep dir whose multirun.yaml gives the full grid (default: "
+                              "every one found in a local SOURCE); repeatable")
+        sub.add_argument("--group-by", nargs="+", default=None, metavar="COLUMN",
+                         help="split curves by these columns, e.g. loss teacher")
+    tradeoff.add_argument("--x", default="train_flops", help="cost column (log x axis)")
+    tradeoff.add_argument("--y", default="accuracy", help="metric column")
+    paper.add_argument("--sections-trunc", type=float, default=1.0,
+                       help="trunc at which the section figure compares presets (default 1.0)")
+    paper.add_argument("--retained-average", choices=("ratio_of_means", "mean_of_ratios"),
+                       default="ratio_of_means", help="how %% retained averages benchmarks")
+    paper.add_argument("--example-seed", type=int, default=None,
+                       help="data seed of the example sequence (default: that of a run)")
+    return parser
+
+
+def grid_report(df: pd.DataFrame, source: str, sweep_dirs: Sequence[Path] | None) -> pd.DataFrame:
+    """grid_status of every sweep dir (given, or found below a local source)."""
+    from analysis.grid import grid_status, sweep_dirs as find_sweep_dirs
+
+    dirs = list(sweep_dirs or [])
+    if not dirs and Path(source).is_dir():
+        dirs = find_sweep_dirs(source)
+    frames = []
+    for sweep_dir in dirs:
+        try:
+            frames.append(grid_status(df, sweep_dir))
+        except (OSError, ValueError) as exc:  # one odd multirun.yaml should not hide the rest
+            log.warning("%s: grid not computed: %s", sweep_dir, exc)
+    if not frames:
+        return pd.DataFrame(columns=["sweep_dir", "job", "point", "status", "run_id", "error"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def missing_descriptions(grid: pd.DataFrame) -> list[str]:
+    """'job 3 trunc=0.25 sections=cot' per missing point (with the sweep dir if several)."""
+    rows = grid[grid["status"] == "missing"]
+    several = grid["sweep_dir"].nunique() > 1
+    return [(f"{Path(r.sweep_dir).name} " if several else "") + f"job {r.job}: {r.point}"
+            for r in rows.itertuples()]
+
+
+def print_problems(df: pd.DataFrame, grid: pd.DataFrame) -> None:
+    failed = df[(df["status"] != "ok").fillna(True).to_numpy()]
+    print(f"\nfailed or unfinished runs: {len(failed)}")
+    for row in failed.itertuples():
+        print(f"  {row.run_id if pd.notna(row.run_id) else '-'} [{row.status}] "
+              f"sections={row.sections} trunc={row.trunc}: {row.error}")
+    if grid.empty:
+        print("grid: no multirun.yaml found, so missing points cannot be known")
+        return
+    missing = missing_descriptions(grid)
+    print(f"grid: {len(grid)} points, {int((grid['status'] == 'ok').sum())} ok, "
+          f"{len(missing)} without any result")
+    for line in missing:
+        print(f"  missing {line}")
+    for row in grid[~grid["status"].isin(["ok", "missing"])].itertuples():
+        print(f"  {row.status} job {row.job}: {row.point} ({row.error})")
+
+
+def write_table(table: pd.DataFrame, out: Path, name: str) -> list[Path]:
+    from analysis.tables import to_markdown, write_csv, write_markdown
+
+    print("\n" + to_markdown(table))
+    return [write_csv(table, out / f"{name}.csv"), write_markdown(table, out / f"{name}.md")]
+
+
+def run_tradeoff(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
+    from analysis.figures import figure_tradeoff
+    from analysis.plots import save_figure
+    from analysis.tables import summary_table
+
+    paths = write_table(summary_table(df), args.out, "summary")
+    fig = figure_tradeoff(df, missing, args.group_by, x=args.x, y=args.y)
+    return paths + save_figure(fig, args.out, "tradeoff")
+
+
+def _example_runs(source: Path) -> list[Path]:
+    """Dirs of ok local runs with trunc < 1, trunc nearest 0.5 first (a cut worth showing)."""
+    found = []
+    for path in source.rglob("result.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        trunc = (record.get("config") or {}).get("trunc") if isinstance(record, dict) else None
+        if record.get("status") == "ok" and isinstance(trunc, (int, float)) and trunc < 1:
+            found.append((abs(trunc - 0.5), str(path.parent), path.parent))
+    return [run_dir for *_, run_dir in sorted(found)]
+
+
+def _example(df: pd.DataFrame, args):
+    """The example sequence of a local run, else of the embedded task at a swept trunc."""
+    from analysis.example import example_from_config, example_from_run
+
+    source = Path(args.source)
+    if args.example_seed is None and source.is_dir():
+        for run_dir in _example_runs(source):
+            try:
+                return example_from_run(run_dir)
+            except (ValueError, OSError) as exc:
+                log.info("%s: no example from this run (%s)", run_dir, exc)
+    truncs = sorted(t for t in df["trunc"].dropna().astype(float) if t < 1) or [0.5]
+    return example_from_config(seed=42 if args.example_seed is None else args.example_seed,
+                               trunc=truncs[len(truncs) // 2])
+
+
+def run_paper(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
+    from analysis.example import figure_of
+    from analysis.figures import figure_sections, figure_tradeoff, figure_truncation
+    from analysis.plots import save_figure
+    from analysis.tables import paper_table
+
+    paths = write_table(paper_table(df, args.group_by), args.out, "accuracy")
+    paths += save_figure(figure_tradeoff(df, missing, args.group_by), args.out, "tradeoff")
+    try:
+        fig = figure_sections(df, args.sections_trunc, missing, args.group_by)
+        paths += save_figure(fig, args.out, "sections")
+    except ValueError as exc:  # no finished run at that trunc: the other figures still come
+        print(f"sections figure skipped: {exc}")
+    fig = figure_truncation(df, missing, args.group_by, args.retained_average)
+    paths += save_figure(fig, args.out, "truncation")
+    return paths + save_figure(figure_of(_example(df, args)), args.out, "example")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen needed
+    from analysis.checks import check_comparable
+    from analysis.load import load
+
+    try:
+        df = load(args.source, group=args.group, tags=args.tags, state=args.state)
+        grid = grid_report(df, args.source, args.sweep_dir)
+        check_comparable(df, args.group_by)  # refuse before writing anything
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(df)} runs from {args.source}")
+    missing = missing_descriptions(grid)
+    run = run_tradeoff if args.command == "tradeoff" else run_paper
+    paths = run(df, args, missing)
+    print_problems(df, grid)
+    print("\nwrote:")
+    for path in paths:
+        print(f"  {path}")
+    return 0

@@ -1,0 +1,176 @@
+"""Output layer + KD/CE loss, forward and backward: full-vocabulary logits vs the chunked loss.
+
+    python benchmarks/bench_kd_loss.py --seq-lens 1024 4096            # CPU, hidden size 256
+    python benchmarks/bench_kd_loss.py --device cuda --hidden 2048 --teacher-hidden 4096 --dtype bfloat16
+
+Batch 1, every position supervised, Qwen3's vocabulary (151,936) by default. Each (path, T) case runs
+in its own process, so one case's freed memory cannot hide or inflate the next one's peak, and on CPU
+under an address-space limit (--memory-budget-gib), so a case that does not fit is reported as such
+instead of pushing the machine into swap or the OOM killer. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--vocab", type=int, default=151_936, help="Qwen3's vocabulary size")
+    parser.add_argument("--hidden", type=int, default=256, help="student hidden size (small to fit a CPU)")
+    parser.add_argument("--teacher-hidden", type=int, default=None, help="default: same as --hidden")
+    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--loss", default="forward_kl")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--kd-ratio", type=float, default=0.5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--memory-budget-gib", type=float, default=16.0,
+                        help="CPU only: address space a case may add beyond its inputs")
+    return parser.parse_args(argv)
+
+
+def _inputs(args, seq_len: int):
+    """Student/teacher final hidden states (1, T, H), heads (V, H), labels (1, T), all supervised."""
+    g = torch.Generator().manual_seed(0)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    teacher_hidden_size = args.teacher_hidden or args.hidden
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype)
+
+    # Head weights ~ 1/sqrt(H) so logits have unit scale, as in a trained model.
+    return dict(
+        hidden=randn(1, seq_len, args.hidden).requires_grad_(True),
+        weight=randn(args.vocab, args.hidden, scale=args.hidden ** -0.5).requires_grad_(True),
+        teacher_hidden=randn(1, seq_len, teacher_hidden_size),
+        teacher_weight=randn(args.vocab, teacher_hidden_size, scale=teacher_hidden_size ** -0.5),
+        labels=torch.randint(0, args.vocab, (1, seq_len), generator=g).to(device),
+    )
+
+
+def full_step(args, hidden, weight, teacher_hidden, teacher_weight, labels) -> float:
+    """Today's path: (1, T, V) logits for both models, then losses.kd_loss + ce_loss."""
+    from kd_sweeps.losses import ce_loss, kd_loss, total_loss
+
+    logits = F.linear(hidden, weight)[:, :-1]  # (1, T-1, V)
+    with torch.no_grad():
+        teacher_logits = F.linear(teacher_hidden, teacher_weight)[:, :-1]  # (1, T-1, V)
+    targets = labels[:, 1:]
+    mask = targets != -100
+    ce = ce_loss(logits, targets, mask)
+    kd = kd_loss(logits, teacher_logits, mask, args.loss, args.temperature)
+    total = total_loss(ce, kd, args.kd_ratio)
+    total.backward()
+    return total.item()
+
+
+def chunked_step(args, hidden, weight, teacher_hidden, teacher_weight, labels) -> float:
+    """The chunked path: only supervised rows through the heads, chunk_size rows at a time."""
+    from kd_sweeps.chunked_loss import chunked_kd_ce, supervised_positions
+
+    rows, targets = supervised_positions(labels)
+    total, _, _, _ = chunked_kd_ce(
+        hidden.flatten(0, 1)[rows], teacher_hidden.flatten(0, 1)[rows], weight, teacher_weight, targets,
+        name=args.loss, kd_ratio=args.kd_ratio, temperature=args.temperature, chunk_size=args.chunk_size)
+    total.backward()
+    return total.item()
+
+
+STEPS = {"full": full_step, "chunked": chunked_step}
+
+
+def _limit_address_space(budget_gib: float) -> None:
+    """Allow this process budget_gib of address space beyond what it maps now (CPU cases)."""
+    with open("/proc/self/status") as handle:
+        mapped_kib = next(int(line.split()[1]) for line in handle if line.startswith("VmSize:"))
+    limit = mapped_kib * 1024 + int(budget_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def run_case(args, path: str, seq_len: int, results) -> None:
+    """Child process: warm up, then time ``reps`` steps, each under a peak-memory probe."""
+    from kd_sweeps.memory import PeakMemory
+
+    device = torch.device(args.device)
+    inputs = _inputs(args, seq_len)
+    if device.type == "cpu":
+        _limit_address_space(args.memory_budget_gib)
+    step = STEPS[path]
+    times, peaks, value = [], [], float("nan")
+    try:
+        for rep in range(args.warmup + args.reps):
+            inputs["hidden"].grad = inputs["weight"].grad = None  # each step allocates its gradients
+            with PeakMemory(device) as probe:
+                started = time.perf_counter()
+                value = step(args, **inputs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - started
+            if rep >= args.warmup:
+                times.append(seconds)
+                peaks.append(probe.peak_bytes)
+    except (MemoryError, RuntimeError) as err:  # CPU allocator failures and CUDA OOM are RuntimeErrors
+        if "memory" not in str(err).lower():
+            raise
+        results.put(dict(path=path, seq_len=seq_len, error="out of memory"))
+        return
+    results.put(dict(path=path, seq_len=seq_len, ms=1e3 * statistics.median(times), peak=max(peaks),
+                     loss=value))
+
+
+def measure(args, path: str, seq_len: int) -> dict:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=run_case, args=(args, path, seq_len, results))
+    child.start()
+    child.join()
+    if not results.empty():
+        return results.get()
+    return dict(path=path, seq_len=seq_len, error=f"process exited with code {child.exitcode}")
+
+
+def _cell(result: dict, key: str, scale: float = 1.0) -> str:
+    return result.get("error", "") if "error" in result else f"{result[key] / scale:,.0f}"
+
+
+def _ratio(chunked: dict, full: dict, key: str) -> str:
+    if "error" in chunked or "error" in full:
+        return "n/a"
+    return f"{chunked[key] / full[key]:.3f}"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    budget = f", CPU budget {args.memory_budget_gib:g} GiB per case" if args.device == "cpu" else ""
+    print(f"V={args.vocab:,} H={args.hidden} Ht={args.teacher_hidden or args.hidden} chunk={args.chunk_size} "
+          f"loss={args.loss} dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} "
+          f"median of {args.reps} reps after {args.warmup} warm-up{budget}\n", flush=True)
+    rows = []
+    for seq_len in args.seq_lens:
+        full, chunked = measure(args, "full", seq_len), measure(args, "chunked", seq_len)
+        if "error" not in full and "error" not in chunked:
+            drift = abs(full["loss"] - chunked["loss"]) / max(abs(full["loss"]), 1e-12)
+            assert drift < 1e-3, f"T={seq_len}: losses differ ({full['loss']} vs {chunked['loss']})"
+        rows.append((seq_len, full, chunked))
+    mib = 2**20
+    print("| T | full ms/step | chunked ms/step | time chunked/full | full peak MiB | chunked peak MiB "
+          "| memory chunked/full |")
+    print("|---|---|---|---|---|---|---|")
+    for seq_len, full, chunked in rows:
+        print(f"| {seq_len} | {_cell(full, 'ms')} | {_cell(chunked, 'ms')} | {_ratio(chunked, full, 'ms')} "
+              f"| {_cell(full, 'peak', mib)} | {_cell(chunked, 'peak', mib)} | {_ratio(chunked, full, 'peak')} |")
+
+
+if __name__ == "__main__":
+    main()

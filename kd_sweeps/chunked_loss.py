@@ -1,0 +1,298 @@
+"""KD + CE loss computed from final hidden states, chunk by chunk, without full-vocabulary logits.
+
+The plain path (``losses.kd_loss`` on ``model(...).logits``) keeps (B, T, V) logits for student and
+teacher plus several same-sized fp32 intermediates alive until backward; at Qwen3's V = 151,936 and
+T = 4,096 each one is 2.5 GB. Here only the N supervised positions go through the output layers, and
+only ``chunk_size`` of them at a time: per chunk the student and teacher logits (c, V) are built,
+the loss and its gradient w.r.t. those logits are computed, the gradient is pushed through the
+output layer at once (into the hidden-state and head-weight gradients) and the chunk is freed.
+
+Why the gradient is computed in the forward pass instead of recomputing each chunk in backward:
+recomputing would run both output layers twice (the teacher's head is the largest matmul here), and
+it saves no memory, because the head-weight gradient (V, H) is a full tensor either way (backward
+would return it too). So ``forward`` leaves two buffers behind for ``backward``: d loss / d hidden
+(N, H) and d loss / d head weight (V, H); ``backward`` only scales them by the incoming gradient.
+Nothing of size N x V ever exists; the peak extra memory is a few (chunk_size, V) fp32 tensors.
+
+Out of scope: heads that are not a plain linear map of the last hidden state, such as logit
+soft-capping (Gemma 2/3) or logit scaling (Cohere, Granite); ``hidden_and_head`` refuses them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kd_sweeps.losses import LOSS_NAMES, token_divergence
+
+# config fields that make the logits something other than lm_head(hidden): soft-capping / scaling.
+_HEAD_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": None, "logits_scaling": 1.0}
+
+
+def supervised_positions(labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Positions that predict a supervised token, and the token they predict.
+
+    Args:
+        labels: (B, T) unshifted labels: the token id where position t is supervised,
+            ``ignore_index`` elsewhere. Position t predicts the token at t + 1.
+
+    Returns:
+        row_index: (N,) long, flat indices into the B * T positions, i.e. rows of
+            ``hidden.flatten(0, 1)`` for hidden states (B, T, H); in (batch, time) order.
+        target_ids: (N,) long, ``labels[b, t + 1]`` for each of those rows.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (B, T), got shape {tuple(labels.shape)}")
+    batch, width = labels.shape
+    targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    keep = targets != ignore_index
+    b, t = keep.nonzero(as_tuple=True)
+    return b * width + t, targets[b, t].long()
+
+
+def hidden_and_head(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Final hidden states (B, T, H) and the output-layer weight (V, H) of a transformers CausalLM.
+
+    For Qwen3 / Llama-style models the decoder's ``last_hidden_state`` already has the final norm
+    applied, so ``hidden @ weight.T`` equals ``model(...).logits``. Models whose logits are
+    soft-capped or scaled after the head, or whose head has a bias, raise ``ValueError``.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    issues = [f"{model.__class__.__name__}: config.{key}={getattr(config, key)!r} changes the logits "
+              f"after the output layer; the chunked loss only supports a plain linear head"
+              for key, neutral in _HEAD_TRANSFORMS.items()
+              if getattr(config, key, neutral) not in (neutral, None)]
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        issues.append(f"{model.__class__.__name__}: the output layer has a bias; pass it as "
+                      f"student_head_bias instead of using hidden_and_head")
+    if issues:
+        raise ValueError("\n".join(issues))
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state, head.weight
+
+
+class _Teacher:
+    """The teacher side of one call: per chunk of rows, either dense logits or sparse top-k."""
+
+    def __init__(self, hidden, weight, logits_fn, topk):
+        self.hidden, self.weight, self.logits_fn, self.topk = hidden, weight, logits_fn, topk
+
+    def kd_rows(self, student_logits: Tensor, rows: slice, loss) -> Tensor:
+        """Per-row divergence (c,) times temperature**2 for the chunk ``rows``."""
+        if self.topk is not None:
+            values, indices = self.topk
+            return _sparse_divergence(student_logits, values[rows], indices[rows], loss) * loss["temperature"] ** 2
+        with torch.no_grad():  # the teacher is frozen: no graph on its side
+            hidden = self.hidden[rows]  # (c, Ht)
+            teacher_logits = self.logits_fn(hidden) if self.logits_fn else F.linear(hidden, self.weight)  # (c, V)
+        return token_divergence(student_logits, teacher_logits, **loss) * loss["temperature"] ** 2
+
+
+def _sparse_divergence(student_logits: Tensor, values: Tensor, indices: Tensor, loss: dict) -> Tensor:
+    """Divergence on k + 1 buckets: the teacher's top-k ids, and one bucket for all other ids.
+
+    student_logits (c, V); values (c, k) teacher log-probs at the loss temperature; indices (c, k).
+    Both distributions are tempered over the full vocabulary first and bucketed afterwards (the
+    rest bucket's mass is the sum of the tempered tail, not a tempered sum).
+    """
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_s = F.log_softmax(student_logits.to(dtype) / loss["temperature"], dim=-1)  # (c, V)
+    student_top = log_s.gather(1, indices)  # (c, k)
+    student_rest = torch.logsumexp(log_s.scatter(1, indices, float("-inf")), dim=-1, keepdim=True)  # (c, 1)
+    values = values.to(dtype)
+    # log(1 - sum_k p_T): clamped at 0 so rounding in the cache cannot make the rest mass negative.
+    covered = torch.logsumexp(values, dim=-1, keepdim=True).clamp_max(0.0)  # (c, 1)
+    teacher_rest = torch.log(-torch.expm1(covered))  # (c, 1); -inf when the top-k hold all the mass
+    # Bucketed log-probs are already normalised, so token_divergence's log_softmax at temperature 1
+    # leaves them unchanged (and, being the same function of the logits, the gradient too).
+    return token_divergence(torch.cat([student_top, student_rest], 1), torch.cat([values, teacher_rest], 1),
+                            **{**loss, "temperature": 1.0})  # (c,)
+
+
+class _ChunkedKDCE(torch.autograd.Function):
+    """Loss value and d loss / d (hidden, weight, bias) in one chunked pass; backward only scales."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, teacher, settings):
+        n, kd_ratio, loss = hidden.shape[0], settings["kd_ratio"], settings["loss"]
+        dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+        # needs_input_grad stays True under torch.no_grad(), so the caller's grad mode is passed in.
+        grad_enabled = settings["grad_enabled"]
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        need_any = need_hidden or need_weight or need_bias
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H)
+        grad_weight = weight.new_zeros(weight.shape, dtype=dtype) if need_weight else None  # (V, H)
+        grad_bias = weight.new_zeros(weight.shape[0], dtype=dtype) if need_bias else None  # (V,)
+        ce_sum = hidden.new_zeros((), dtype=dtype)
+        kd_sum = hidden.new_zeros((), dtype=dtype)
+        for start in range(0, n, settings["chunk_size"]):
+            rows = slice(start, min(start + settings["chunk_size"], n))
+            chunk = hidden[rows]  # (c, H)
+            # Built outside the graph, then made a leaf: autograd below stops at the logits.
+            logits = F.linear(chunk, weight, bias).requires_grad_(need_any)  # (c, V)
+            with torch.enable_grad() if need_any else torch.no_grad():
+                ce_rows = F.cross_entropy(logits.to(dtype), targets[rows], reduction="none")  # (c,)
+                objective = (1.0 - kd_ratio) * ce_rows.sum()
+                if teacher is not None:
+                    kd_rows = teacher.kd_rows(logits, rows, loss)  # (c,)
+                    objective = objective + kd_ratio * kd_rows.sum()
+                    kd_sum += kd_rows.detach().sum()
+                objective = objective / n  # mean over all N rows, not over this chunk
+            ce_sum += ce_rows.detach().sum()
+            if need_any:
+                (grad_logits,) = torch.autograd.grad(objective, logits)  # (c, V)
+                _push_through_head(grad_logits, chunk, weight, rows, grad_hidden, grad_weight, grad_bias)
+            del logits, ce_rows, objective  # free this chunk's (c, V) tensors before the next one
+        ctx.grads = (grad_hidden,
+                     grad_weight.to(weight.dtype) if need_weight else None,
+                     grad_bias.to(bias.dtype) if need_bias else None)
+        count = max(n, 1)  # N == 0: sums are 0, so means are 0 rather than 0 / 0
+        ce_mean, kd_mean = ce_sum / count, kd_sum / count
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return (1.0 - kd_ratio) * ce_mean + kd_ratio * kd_mean, ce_mean, kd_mean
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+        if ctx.grads is None:
+            raise RuntimeError("chunked_kd_ce's backward can run only once per forward "
+                               "(its gradients are scaled in place)")
+        grads, ctx.grads = ctx.grads, None
+        # In place: the (V, H) weight gradient is large, and nothing else holds these buffers.
+        scaled = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads]
+        return (*scaled, None, None, None)
+
+
+def _push_through_head(grad_logits, chunk, weight, rows, grad_hidden, grad_weight, grad_bias):
+    """Chain rule through logits = chunk @ weight.T + bias, for one chunk of rows.
+
+    grad_logits (c, V), chunk (c, H), weight (V, H). The matmuls run in the logits' dtype (so under
+    autocast like the forward); the weight gradient is summed over chunks in fp32 (fp64 for fp64).
+    """
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_logits @ weight.to(grad_logits.dtype)  # (c, H)
+    if grad_weight is not None:
+        if grad_logits.dtype == chunk.dtype == grad_weight.dtype:
+            grad_weight.addmm_(grad_logits.T, chunk)  # (V, H) += (V, c) @ (c, H), no temporary
+        else:
+            grad_weight += grad_logits.T @ chunk.to(grad_logits.dtype)
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
+
+
+def chunked_kd_ce(
+    student_hidden: Tensor,
+    teacher_hidden: Optional[Tensor],
+    student_head_weight: Tensor,
+    teacher_head_weight: Optional[Tensor],
+    targets: Tensor,
+    *,
+    name: str,
+    kd_ratio: float,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    mix: float = 0.5,
+    chunk_size: int = 512,
+    student_head_bias: Optional[Tensor] = None,
+    teacher_logits_fn: Optional[Callable[[Tensor], Tensor]] = None,
+    teacher_topk: Optional[tuple[Tensor, Tensor]] = None,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(1 - kd_ratio) * CE + kd_ratio * KD over N supervised positions, through the output layers.
+
+    Args:
+        student_hidden: (N, H) student final hidden states (after the final norm) at the supervised
+            positions, e.g. ``hidden.flatten(0, 1)[row_index]`` with ``supervised_positions``.
+        teacher_hidden: (N, Ht) teacher hidden states at the same positions (never differentiated),
+            or None with ``teacher_topk`` or without a teacher.
+        student_head_weight: (V, H) student output layer (``lm_head.weight``); differentiated.
+        teacher_head_weight: (V, Ht) teacher output layer; may be None with ``teacher_logits_fn``.
+        targets: (N,) next-token ids, valid ids in [0, V).
+        name, temperature, beta, alpha, mix: the KD divergence, as in ``losses.token_divergence``.
+        kd_ratio: weight of KD in the total, in [0, 1].
+        chunk_size: rows per chunk; the peak extra memory is a few (chunk_size, V) fp32 tensors.
+        student_head_bias: optional (V,) bias of the student output layer; differentiated.
+        teacher_logits_fn: optional map from a chunk of teacher hidden states (c, Ht) to teacher
+            logits (c, V), for teachers whose head is not ``hidden @ teacher_head_weight.T``.
+        teacher_topk: sparse teacher instead of ``teacher_hidden``: (values (N, k), indices (N, k)),
+            the teacher's log-probabilities AT THE LOSS TEMPERATURE, i.e. top-k of
+            ``log_softmax(teacher_logits / temperature)``, and their distinct token ids, k < V.
+            The KD term then compares two distributions over k + 1 buckets: the k ids, and one
+            "rest" bucket holding 1 - sum(exp(values)) for the teacher and the student's tempered
+            probability of every other id. With k = V - 1 this is exactly the dense divergence.
+
+    Returns:
+        (total, ce_mean, kd_mean, N): scalars in fp32 (fp64 for fp64 inputs). CE is at temperature
+        1; KD is the mean divergence times temperature**2, like ``losses.kd_loss``. Only ``total``
+        is differentiable (ce_mean and kd_mean are for logging). Without a teacher (both
+        ``teacher_hidden`` and ``teacher_topk`` None) or with kd_ratio == 0 the KD term is not
+        computed, kd_mean is 0, and total is CE. N == 0 gives exact zeros and zero gradients.
+
+    The gradients are computed during this call (when anything requires grad) and held until
+    backward: (N, H) for the hidden states and (V, H) for the weight. ``backward`` may run once.
+    Autocast, if active, applies to the output-layer matmuls as in the plain path.
+    """
+    _validate(student_hidden, teacher_hidden, student_head_weight, teacher_head_weight, targets,
+              name, kd_ratio, temperature, chunk_size, student_head_bias, teacher_logits_fn, teacher_topk)
+    has_teacher = teacher_hidden is not None or teacher_topk is not None
+    if teacher_topk is not None:
+        teacher_topk = (teacher_topk[0].detach(), teacher_topk[1].long())  # gather/scatter want int64 ids
+    teacher = None
+    if has_teacher and kd_ratio > 0:
+        teacher = _Teacher(None if teacher_hidden is None else teacher_hidden.detach(),
+                           None if teacher_head_weight is None else teacher_head_weight.detach(),
+                           teacher_logits_fn, teacher_topk)
+    settings = {"kd_ratio": kd_ratio if teacher is not None else 0.0, "chunk_size": chunk_size,
+                "grad_enabled": torch.is_grad_enabled(),
+                "loss": {"name": name, "temperature": temperature, "beta": beta, "alpha": alpha, "mix": mix}}
+    total, ce_mean, kd_mean = _ChunkedKDCE.apply(
+        student_hidden, student_head_weight, student_head_bias, targets.long(), teacher, settings)
+    return total, ce_mean, kd_mean, student_hidden.shape[0]
+
+
+def _validate(hidden, teacher_hidden, weight, teacher_weight, targets, name, kd_ratio, temperature,
+              chunk_size, bias, teacher_logits_fn, teacher_topk) -> None:
+    """Collect every problem with the arguments, then raise once."""
+    issues = []
+    if name not in LOSS_NAMES:
+        issues.append(f"name={name!r}: allowed names: {', '.join(LOSS_NAMES)}")
+    if not 0.0 <= kd_ratio <= 1.0:
+        issues.append(f"kd_ratio={kd_ratio}: must be in [0, 1]")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        issues.append(f"temperature={temperature}: must be finite and > 0")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        issues.append(f"chunk_size={chunk_size!r}: must be an int >= 1")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
+        issues.append(f"student_hidden {tuple(hidden.shape)} and student_head_weight {tuple(weight.shape)}: "
+                      f"expected (N, H) and (V, H)")
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if targets.shape != (n,) or targets.is_floating_point():
+        issues.append(f"targets {tuple(targets.shape)} {targets.dtype}: expected integer ids of shape ({n},)")
+    if bias is not None and bias.shape != (vocab,):
+        issues.append(f"student_head_bias {tuple(bias.shape)}: expected ({vocab},)")
+    if teacher_hidden is not None and teacher_topk is not None:
+        issues.append("teacher_hidden and teacher_topk: give one of them, not both")
+    if teacher_hidden is not None:
+        if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
+            issues.append(f"teacher_hidden {tuple(teacher_hidden.shape)}: expected ({n}, Ht)")
+        if teacher_logits_fn is None and (teacher_weight is None or teacher_weight.shape[0] != vocab
+                                          or teacher_weight.shape[-1] != teacher_hidden.shape[-1]):
+            shape = None if teacher_weight is None else tuple(teacher_weight.shape)
+            issues.append(f"teacher_head_weight {shape}: expected ({vocab}, {teacher_hidden.shape[-1]}) "
+                          f"(or pass teacher_logits_fn)")
+    if teacher_topk is not None:
+        values, indices = teacher_topk
+        if values.shape != indices.shape or values.dim() != 2 or values.shape[0] != n:
+            issues.append(f"teacher_topk shapes {tuple(values.shape)}, {tuple(indices.shape)}: "
+                          f"expected two ({n}, k) tensors")
+        elif not 1 <= values.shape[1] < vocab:
+            issues.append(f"teacher_topk k={values.shape[1]}: must be in [1, V) with V={vocab}")
+        if indices.is_floating_point() or not values.is_floating_point():
+            issues.append(f"teacher_topk dtypes {values.dtype}, {indices.dtype}: expected float "
+                          f"log-probs and integer ids")
+    if issues:
+        raise ValueError("chunked_kd_ce: invalid arguments:\n" + "\n".join(issues))

@@ -1,0 +1,487 @@
+"""Plan a sweep before spending anything: every grid point with its tokens, FLOPs and peak memory.
+
+    python -m kd_sweeps.plan trunc=0.25,0.5,1.0 sections=all,cot      # the overrides of launch.py -m
+
+The grid is expanded by Hydra's own override parser and basic sweeper (``a,b``, ``range()``,
+``choice()``, ``glob()``, list values such as ``'sections.include=[P],[CoT]'``, and
+``hydra.sweeper.params``), every point is composed as its job would be and validated; all problems
+are listed, each naming its point. Nothing is launched, no model is built or trained.
+
+Composition: a point's config-group choices (``sections=cot``, ``loss=jsd``) are composed by Hydra
+once per distinct set of choices; its value overrides (``trunc=0.5``) are then applied by Hydra's own
+override code to a copy, which is what Hydra does after composing the defaults. This is what makes
+1,000 points take seconds instead of a minute (a full composition costs ~60 ms).
+
+Tokens. Embedded student: the training data are encoded with the embedded tokenizer (cached per
+data config within the plan) and each point's truncation and sections are applied to the real
+P/CoT/A spans, exactly as ``data.training_examples`` does. Pretrained student: its tokenizer is not
+loaded (a hub download); lengths are estimated from characters, ``CHARS_PER_TOKEN`` = 3.5 characters
+per token (Qwen3's 151k BPE on English math reasoning: ~4 on prose, fewer where digits and LaTeX
+split one per token; expect +-25%), plus the chat template's 8 tokens before the answer turn and 2
+after it. A run draws ``train.max_steps * train.batch_size`` sequences uniformly from those with a
+supervised token, so the plan uses the mean over them (padding left out: length-grouped batches keep
+it to a few percent; the run records it as ``padding_ratio``).
+
+FLOPs: ``kd_sweeps.cost.kd_step_flops`` (student 3x forward, teacher 1x forward) at the kept lengths.
+
+Peak memory, one training process, analytic (bytes):
+    student  parameters x 4 x w     weights, gradients and AdamW's two moments in the weights' dtype
+                                    (w = 4 for fp32 weights, 2 for bf16), as models.load_pair loads them
+           + matmul weights x 2     autocast's bf16 copies of fp32 weights, kept for backward
+    teacher  parameters x w_t       frozen, no gradients, no optimizer state
+    activations  b x T x layers x 2 x (4 d + 3 q + 3 kv + 4 f) x a / 2
+                 (saved for backward in a Qwen3 layer: two norm inputs, projection inputs and outputs,
+                 SDPA inputs/output, four gated-MLP tensors; a = 2 bytes under bf16 autocast, 4 in fp32;
+                 no T x T scores: SDPA does not store them)
+    logits   b x T x V x 2 x a + b x S x V x 24
+                 (student and teacher logits, then ~24 bytes of fp32 log-softmaxes, probabilities and
+                 the logits' gradient per supervised position)
+with b = batch_size / grad_accum, T the longest kept sequence, S its most supervised tokens,
+d hidden, q = heads x head_dim, kv = kv_heads x head_dim, f intermediate, V vocabulary. Treat it as
++-30%; sharding (FSDP, ZeRO) and activation checkpointing are not modelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import functools
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kd_sweeps.cost import ModelShape, kd_step_flops
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CHARS_PER_TOKEN = 3.5
+TEMPLATE_TOKENS_BEFORE, TEMPLATE_TOKENS_AFTER = 8, 2  # Qwen3 chat template around the two turns
+LOSS_BYTES_PER_LOGIT = 24
+
+# (layers, hidden, heads, kv_heads, head_dim, intermediate, tied embeddings); vocabulary 151,936.
+# From each checkpoint's config.json; -Base checkpoints share their model's shape.
+QWEN3_SHAPES = {
+    "qwen3-0.6b": (28, 1024, 16, 8, 128, 3072, True),
+    "qwen3-1.7b": (28, 2048, 16, 8, 128, 6144, True),
+    "qwen3-4b": (36, 2560, 32, 8, 128, 9728, True),
+    "qwen3-8b": (36, 4096, 32, 8, 128, 12288, False),
+    "qwen3-32b": (64, 5120, 64, 8, 128, 25600, False),
+}
+QWEN3_VOCAB = 151_936
+
+
+class PlanError(ValueError):
+    """The sweep cannot be expanded at all (bad command line, unsupported sweeper)."""
+
+
+# --------------------------------------------------------------------------- grid and composition
+
+
+class GridComposer:
+    """Expands and composes grid points as ``launch.py -m <overrides>`` would."""
+
+    def __init__(self, overrides: list[str], config_name: str = "config", config_dir: Path = CONF_DIR):
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra._internal.config_repository import CachingConfigRepository
+        from hydra._internal.utils import create_config_search_path
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.core.plugins import Plugins
+        from hydra.types import RunMode
+
+        from kd_sweeps.schema import register_configs
+
+        register_configs()
+        Plugins.instance()  # registers the launcher plugins' configs (hydra/launcher=submitit_*)
+        self.loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir)))
+        self.master = self.loader.load_configuration(config_name, list(overrides), run_mode=RunMode.MULTIRUN)
+        self.parser = OverridesParser.create(config_loader=self.loader)  # glob() lists config groups
+        self._repo = CachingConfigRepository(self.loader.repository)
+        self._bases: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
+        self._parsed: dict = {}
+
+    def _parse(self, line: str):
+        # A grid repeats each override string across many points (100 truncs x 10 sections: 110
+        # strings, 1,000 points); parsing each once saves the grammar's ~0.3 ms per string and point.
+        if line not in self._parsed:
+            self._parsed[line] = self.parser.parse_overrides([line])[0]
+        return self._parsed[line]
+
+    def points(self) -> list[list[str]]:
+        """Every point's overrides, in the order the basic sweeper launches them."""
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        sweeper = self.master.hydra.sweeper
+        if not str(sweeper._target_).endswith("BasicSweeper"):
+            raise PlanError(f"hydra.sweeper is {sweeper._target_}; the plan expands basic-sweeper grids")
+        params = [f"{key}={value}" for key, value in (sweeper.params or {}).items()]
+        task = OmegaConf.to_container(self.master.hydra.overrides.task, resolve=False)
+        parsed = self.parser.parse_overrides(params + list(task))
+        return [point for batch in BasicSweeper.split_arguments(parsed, sweeper.max_batch_size)
+                for point in batch]
+
+    def compose(self, point: list[str]) -> DictConfig:
+        """The job config of one point (no ``hydra`` node), as its job would receive it."""
+        with self.composed(point) as cfg:
+            return copy.deepcopy(cfg)
+
+    @contextmanager
+    def composed(self, point: list[str]):
+        """Like ``compose``, valid only inside the ``with`` block: the shared composition of the point's
+        group choices is updated in place and restored afterwards, which is several times faster
+        than copying a whole config per point."""
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra._internal.defaults_list import Overrides
+
+        parsed = [self._parse(line) for line in point]
+        # Hydra's own split: overrides the defaults list consumes (group choices) vs config values.
+        values = Overrides(self._repo, parsed).config_overrides
+        value_ids = {id(o) for o in values}
+        choices = tuple(o.input_line for o in parsed if id(o) not in value_ids)
+        if choices not in self._bases:
+            base = self.loader.load_sweep_config(self.master, list(choices))
+            with open_dict(base):
+                del base["hydra"]
+            self._bases[choices] = (base, copy.deepcopy(base))
+        work, pristine = self._bases[choices]
+        if any(o.is_add() or o.is_force_add() or o.is_delete() for o in values):
+            work = copy.deepcopy(pristine)  # keys appear or vanish: restoring is not worth it
+        touched = {o.key_or_group.split(".")[0] for o in values}
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(values, work)
+            yield work
+        finally:
+            for key in touched & set(pristine.keys()):
+                work[key] = pristine._get_node(key)  # assigning a node copies it
+
+
+# --------------------------------------------------------------------------- sequences
+
+
+@dataclass
+class Sequences:
+    """Full (untruncated) training sequences of one data config: token lengths and span bounds."""
+
+    length: np.ndarray  # (N,) templated length
+    cot_start: np.ndarray  # (N,) first <think> = end of the prompt P
+    cot_end: np.ndarray  # (N,) one past the first </think> = start of the answer A
+    exact: bool  # encoded with the real tokenizer (True) or estimated from characters
+
+
+def encoded_sequences(data_cfg, tokenizer) -> Sequences:
+    from kd_sweeps import data
+
+    encoded, _ = data.encode(data.load_records(data_cfg, "train"), tokenizer, data_cfg.max_tokens)
+    length = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    cot = np.array([e.spans.cot for e in encoded], dtype=np.int64).reshape(-1, 2)
+    return Sequences(length, cot[:, 0], cot[:, 1], exact=True)
+
+
+def estimated_sequences(data_cfg) -> Sequences:
+    from kd_sweeps import data
+
+    def tokens(text: str) -> int:
+        return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+    rows = []
+    for record in data.load_records(data_cfg, "train"):
+        reasoning = record["reasoning"]
+        start, end = reasoning.find("<think>"), reasoning.find("</think>")
+        if start < 0 or end < start:
+            continue  # no markers: data.encode drops these too
+        prompt = TEMPLATE_TOKENS_BEFORE + tokens(record["problem"]) + tokens(reasoning[:start])
+        cot_end = prompt + 2 + tokens(reasoning[start + len("<think>"):end])  # markers: one token each
+        length = cot_end + tokens(reasoning[end + len("</think>"):]) + TEMPLATE_TOKENS_AFTER
+        if length <= data_cfg.max_tokens:
+            rows.append((length, prompt, cot_end))
+    if not rows:
+        raise ValueError(f"no training sequence with both markers within data.max_tokens={data_cfg.max_tokens}")
+    table = np.array(rows, dtype=np.int64)
+    return Sequences(table[:, 0], table[:, 1], table[:, 2], exact=False)
+
+
+def point_tokens(seqs: Sequences, trunc: float, mode: str, sections, cut_after_think: bool):
+    """(kept length, supervised tokens) per sequence: ``sections.supervised_tokens`` in closed form."""
+    length = np.minimum(seqs.length, seqs.cot_end) if cut_after_think else seqs.length
+    keep = np.maximum(1, (length * trunc).astype(np.int64))  # floor, at least one token
+    if mode in ("lead", "left"):
+        start, end = np.zeros_like(length), keep
+    elif mode == "middle":
+        start = (length - keep) // 2
+        end = start + keep
+    elif mode == "right":
+        start, end = length - keep, length
+    else:  # random_labels: every token kept, round(trunc * n) of the labels
+        start, end = np.zeros_like(length), length
+    bounds = {"P": (0, seqs.cot_start), "CoT": (seqs.cot_start, seqs.cot_end), "A": (seqs.cot_end, seqs.length)}
+    first = start + 1  # the first kept token has no predecessor in the window: never a target
+    supervised = sum(np.clip(np.minimum(hi, end) - np.maximum(lo, first), 0, None)
+                     for lo, hi in (bounds[s] for s in dict.fromkeys(sections)))
+    if mode == "random_labels":
+        supervised = np.round(trunc * supervised).astype(np.int64)
+    return end - start, supervised
+
+
+# --------------------------------------------------------------------------- models and cost
+
+
+def pretrained_shape(name_or_path: str) -> ModelShape | None:
+    """From a local checkpoint's config.json, else from the built-in Qwen3 table, else None."""
+    config_file = Path(name_or_path).expanduser() / "config.json"
+    if config_file.is_file():
+        raw = json.loads(config_file.read_text())
+        return ModelShape.from_config(SimpleNamespace(**raw.get("text_config", raw)))
+    key = name_or_path.rstrip("/").split("/")[-1].lower().removesuffix("-base")
+    if key not in QWEN3_SHAPES:
+        return None
+    layers, hidden, heads, kv_heads, head_dim, intermediate, tied = QWEN3_SHAPES[key]
+    return ModelShape(layers, hidden, heads, kv_heads, head_dim, intermediate, QWEN3_VOCAB, tied)
+
+
+def parameter_count(shape: ModelShape) -> int:
+    """All parameters: matmul weights, embeddings (once if tied), RMSNorm weights (incl. q/k norms)."""
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
+    norms = shape.n_layers * (2 * shape.hidden + 2 * shape.head_dim) + shape.hidden
+    return shape.n_layers * shape.layer_matmul_params() + embeddings + norms
+
+
+def peak_memory_bytes(student: ModelShape, teacher: ModelShape, weight_bytes: int, teacher_bytes: int,
+                      autocast: bool, micro_batch: int, max_len: int, max_supervised: int) -> int:
+    """The analytic estimate in the module docstring."""
+    act = 2 if autocast else 4
+    states = 4 * weight_bytes * parameter_count(student)
+    casts = 2 * student.matmul_params() if autocast and weight_bytes == 4 else 0
+    q, kv = student.n_heads * student.head_dim, student.n_kv_heads * student.head_dim
+    per_token_layer = act * (4 * student.hidden + 3 * q + 3 * kv + 4 * student.intermediate)
+    activations = micro_batch * max_len * student.n_layers * per_token_layer
+    logits = micro_batch * student.vocab * (2 * act * max_len + LOSS_BYTES_PER_LOGIT * max_supervised)
+    return states + casts + teacher_bytes * parameter_count(teacher) + activations + logits
+
+
+@functools.lru_cache(maxsize=None)
+def _sequence_flops(student: ModelShape, teacher: ModelShape, length: int) -> int:
+    return kd_step_flops(student, teacher, [length])["total"]
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class PlannedPoint:
+    index: int
+    overrides: list[str]
+    problems: list[str] = field(default_factory=list)
+    tokens: float | None = None  # tokens the student trains on (real, unpadded), expected
+    supervised: float | None = None  # positions in the loss, expected
+    flops: float | None = None  # training FLOPs, student + teacher
+    peak_memory: int | None = None  # bytes, one training process
+    exact_tokens: bool = True
+
+
+@dataclass
+class Plan:
+    points: list[PlannedPoint]
+    seconds: float = 0.0
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"point {p.index} ({' '.join(p.overrides) or 'no overrides'}): {issue}"
+                for p in self.points for issue in p.problems]
+
+    def total(self, key: str) -> float:
+        return sum(getattr(p, key) or 0 for p in self.points)
+
+
+class _Estimator:
+    """Per-point cost; caches what many points share (encoded data, tokenizer, model shapes)."""
+
+    def __init__(self):
+        self._sequences: dict[str, Sequences | Exception] = {}
+        self._shapes: dict[str, ModelShape | None] = {}
+        self._tokenizer = None
+
+    def tokenizer(self):
+        if self._tokenizer is None:  # the embedded tokenizer, built in memory (no cache dir written)
+            from kd_sweeps.tokenizer import build_tokenizer
+
+            self._tokenizer = build_tokenizer()
+        return self._tokenizer
+
+    def sequences(self, cfg: DictConfig) -> Sequences:
+        embedded = cfg.model.student.source == "embedded"
+        key = json.dumps([embedded, OmegaConf.to_container(cfg.data, resolve=True)], sort_keys=True)
+        if key not in self._sequences:
+            try:
+                self._sequences[key] = (encoded_sequences(cfg.data, self.tokenizer()) if embedded
+                                        else estimated_sequences(cfg.data))
+            except Exception as err:  # reported on every point that uses these data
+                self._sequences[key] = err
+        found = self._sequences[key]
+        if isinstance(found, Exception):
+            raise ValueError(f"training data: {type(found).__name__}: {found}")
+        return found
+
+    def shape(self, spec) -> ModelShape | None:
+        key = json.dumps(OmegaConf.to_container(spec, resolve=True), sort_keys=True)
+        if key not in self._shapes:
+            if spec.source == "embedded":
+                from kd_sweeps.models import qwen3_config, spec_dict
+
+                self._shapes[key] = ModelShape.from_config(qwen3_config(spec_dict(spec), self.tokenizer()))
+            else:
+                self._shapes[key] = pretrained_shape(spec.name_or_path)
+        return self._shapes[key]
+
+    def fill(self, point: PlannedPoint, cfg: DictConfig) -> None:
+        shapes = {}
+        for role in ("student", "teacher"):
+            shapes[role] = self.shape(cfg.model[role])
+            if shapes[role] is None:
+                point.problems.append(f"model.{role}.name_or_path={cfg.model[role].name_or_path!r}: no "
+                                      f"shape known; use a local checkpoint dir or one of "
+                                      f"{', '.join(QWEN3_SHAPES)} (with or without -Base)")
+        student, teacher = shapes["student"], shapes["teacher"]
+        if student and teacher and student.vocab != teacher.vocab:
+            point.problems.append(f"teacher vocabulary ({teacher.vocab}) differs from the student's "
+                                  f"({student.vocab}); KD compares distributions over the same tokens")
+        seqs = self.sequences(cfg)
+        lengths, supervised = point_tokens(seqs, cfg.trunc, cfg.truncation.mode, cfg.sections.include,
+                                           cfg.truncation.cut_after_think)
+        kept = supervised > 0  # sequences without a target are skipped by the run
+        train = cfg.train
+        if kept.sum() < train.batch_size:
+            point.problems.append(f"only {kept.sum()} of {len(lengths)} sequences have a supervised token "
+                                  f"with these sections, trunc and truncation.mode; the run needs at "
+                                  f"least train.batch_size={train.batch_size}")
+        if point.problems:
+            return
+        lengths, supervised = lengths[kept], supervised[kept]
+        sequences = train.max_steps * train.batch_size
+        point.tokens = sequences * float(lengths.mean())
+        point.supervised = sequences * float(supervised.mean())
+        distinct, counts = np.unique(lengths, return_counts=True)
+        per_sequence = sum(int(c) * _sequence_flops(student, teacher, int(t)) for t, c in zip(distinct, counts))
+        point.flops = sequences * per_sequence / len(lengths)
+        point.exact_tokens = seqs.exact
+        weights = 4 if cfg.model.student.source == "embedded" or train.precision == "fp32" else 2
+        teacher_weights = 4 if cfg.model.teacher.source == "embedded" or train.precision == "fp32" else 2
+        point.peak_memory = peak_memory_bytes(student, teacher, weights, teacher_weights,
+                                              train.precision == "bf16", train.batch_size // train.grad_accum,
+                                              int(lengths.max()), int(supervised.max()))
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def make_plan(overrides: list[str], config_name: str = "config", config_dir: Path = CONF_DIR) -> Plan:
+    """Expand, compose, validate and cost every point of ``launch.py -m <overrides>``."""
+    from kd_sweeps.validation import ConfigError, validate
+
+    started = time.perf_counter()
+    try:
+        composer = GridComposer(overrides, config_name, config_dir)
+        grid = composer.points()
+    except PlanError:
+        raise
+    except Exception as err:  # the command line itself: unknown key, bad syntax, missing group
+        raise PlanError(_one_line(err)) from err
+    estimator = _Estimator()
+    points = []
+    for index, overrides_of_point in enumerate(grid):
+        point = PlannedPoint(index, list(overrides_of_point))
+        points.append(point)
+        try:
+            with composer.composed(point.overrides) as cfg:
+                validate(cfg)
+                estimator.fill(point, cfg)
+        except ConfigError as err:
+            point.problems += [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
+        except Exception as err:
+            point.problems.append(_one_line(err))
+    return Plan(points, time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _count(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _gib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**30:.3g} GiB"
+
+
+def format_plan(plan: Plan) -> str:
+    rows = [["#", "overrides", "train tokens", "supervised", "train FLOPs", "peak memory"]]
+    for p in plan.points:
+        rows.append([str(p.index), " ".join(p.overrides) or "(defaults)",
+                     _count(p.tokens) + ("" if p.exact_tokens else "~"), _count(p.supervised),
+                     "-" if p.flops is None else f"{p.flops:.3g}", _gib(p.peak_memory)])
+    memories = [p.peak_memory for p in plan.points if p.peak_memory is not None]
+    rows.append(["", f"total ({len(plan.points)} points)", _count(plan.total("tokens")),
+                 _count(plan.total("supervised")), f"{plan.total('flops'):.3g}",
+                 f"max {_gib(max(memories))}" if memories else "-"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    if any(not p.exact_tokens for p in plan.points):
+        lines.append(f"~ token counts estimated from characters ({CHARS_PER_TOKEN} per token)")
+    return "\n".join(lines)
+
+
+def write_csv(plan: Plan, path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "overrides", "train_tokens", "supervised_tokens", "train_flops",
+                         "peak_memory_bytes", "tokens_exact", "problems"])
+        for p in plan.points:
+            writer.writerow([p.index, " ".join(p.overrides), p.tokens, p.supervised, p.flops,
+                             p.peak_memory, p.exact_tokens, " | ".join(p.problems)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kd_sweeps.plan", description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="*", help="the overrides of launch.py -m")
+    parser.add_argument("-m", "--multirun", action="store_true", help="accepted and ignored, to paste commands")
+    parser.add_argument("--config-name", default="config")
+    parser.add_argument("--csv", type=Path, help="also write one row per point to this CSV file")
+    args = parser.parse_args(argv)
+    # Planning never downloads: a hub dataset is used only if it is already in the local cache.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        plan = make_plan(args.overrides, args.config_name)
+    except PlanError as err:
+        print(f"cannot expand the sweep: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    if args.csv:
+        write_csv(plan, args.csv)
+    print(f"\nplanned {len(plan.points)} point(s) in {plan.seconds:.1f} s; nothing was launched")
+    if plan.problems:
+        bad = sum(1 for p in plan.points if p.problems)
+        print(f"\n{len(plan.problems)} problem(s) in {bad} of {len(plan.points)} point(s):\n  "
+              + "\n  ".join(plan.problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
