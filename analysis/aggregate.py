@@ -12,9 +12,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.checks import as_columns, curve_keys
-from analysis.plots import preset_labels
-from analysis.stats import FULL_TRUNC, interval, retained_averages
+from analysis.checks import as_columns, curve_keys, ok_runs, preset_labels
+from analysis.stats import FULL_TRUNC, interval, mean_stderr, retained_averages
 
 # The paper's order of the six section presets (kd_sweeps.sections.SECTION_PRESETS;
 # not imported, as that module loads torch); other names follow alphabetically.
@@ -42,25 +41,28 @@ def preset_rank(name) -> tuple[int, str]:
     return (PRESET_ORDER.index(name) if name in PRESET_ORDER else len(PRESET_ORDER), name)
 
 
-def _column(runs: pd.DataFrame, col: str) -> pd.Series:
+def numeric_column(runs: pd.DataFrame, col: str) -> pd.Series:
+    """Column col as numbers, keeping integer columns integer (missing where not a
+    number; all NaN if absent)."""
     if col not in runs:
         return pd.Series(math.nan, index=runs.index, dtype=float)
-    return pd.to_numeric(runs[col], errors="coerce").astype(float)
+    return pd.to_numeric(runs[col], errors="coerce")
 
 
 def _point_rows(runs: pd.DataFrame, benches: list[str], level: float, seed: int) -> list[dict]:
     """One row per benchmark for the runs (seeds) of one grid point."""
-    costs = {col: float(_column(runs, col).mean()) for col in COST_COLUMNS}
+    costs = {col: float(numeric_column(runs, col).mean()) for col in COST_COLUMNS}
     rows = []
     for bench in benches:
         acc_col, err_col, problems_col = metric_columns(bench)
-        values, errs = _column(runs, acc_col), _column(runs, err_col)
+        values, errs = numeric_column(runs, acc_col), numeric_column(runs, err_col)
         problems = runs[problems_col].iloc[0] if problems_col in runs and len(runs) == 1 else None
+        problems = problems if isinstance(problems, list) else None  # missing: NaN or None
         stats = interval(values, errs, problems, level=level, seed=seed)
         if stats["runs"] == 0:
             continue
         # Error bar for plots: spread over seeds, or the single run's own stderr.
-        spread = float(values.std(ddof=1) / math.sqrt(stats["runs"])) if stats["runs"] > 1 \
+        spread = mean_stderr(values)[1] if stats["runs"] > 1 \
             else float(errs.dropna().iloc[0]) if errs.notna().any() else math.nan
         rows.append({"benchmark": bench, **stats, "stderr": spread, **costs})
     return rows
@@ -74,15 +76,14 @@ def grid_points(df: pd.DataFrame, group_by=None, level: float = 0.95,
     Only ok runs count. Benchmarks are the acc_<name> columns, or the overall
     'accuracy' when there are none.
     """
-    status = df["status"] if "status" in df else pd.Series("ok", index=df.index)
-    ok = df[(status == "ok").fillna(False).to_numpy()]
+    ok = ok_runs(df)
     benches = benchmarks(ok) or [ALL_BENCHMARKS]
     extra = as_columns(group_by)
     columns = ["curve", "sections", *extra, "trunc", "benchmark", "runs", "mean", "stderr",
                "ci_low", "ci_high", "interval", *COST_COLUMNS]
     if ok.empty:
         return add_retained(pd.DataFrame(columns=columns))
-    keys = [curve_keys(ok, extra), _column(ok, "trunc")]
+    keys = [curve_keys(ok, extra), numeric_column(ok, "trunc")]
     presets = preset_labels(ok)  # 'custom (P+A)' where one name covers several choices
     rows = []
     for (curve, trunc), runs in ok.groupby(keys, sort=False, dropna=False):

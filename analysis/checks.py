@@ -1,4 +1,4 @@
-"""Refuse to draw a curve through runs that are not comparable.
+"""Which runs form a curve, and the refusal to draw one through runs that are not comparable.
 
 A curve (one sections preset, or one preset per value of the group_by columns)
 stands for one setting varied along trunc; runs that also differ in the
@@ -19,6 +19,12 @@ COMPARABLE = ("teacher", "student", "dataset", "loss", "kd_ratio", "temperature"
               "truncation_mode", "cut_after_think")
 
 
+def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs that finished (status ok); the only ones figures and tables draw on."""
+    status = df["status"] if "status" in df else pd.Series("ok", index=df.index)
+    return df[(status == "ok").fillna(False).to_numpy()]
+
+
 def as_columns(group_by: str | Iterable[str] | None) -> list[str]:
     """group_by as a list of column names (None -> [], 'a' -> ['a'])."""
     if group_by is None:
@@ -28,10 +34,20 @@ def as_columns(group_by: str | Iterable[str] | None) -> list[str]:
     return list(group_by)
 
 
+def preset_labels(df: pd.DataFrame) -> pd.Series:
+    """Sections preset name per row, with the included sections appended where one
+    name covers several combinations (the 'custom' preset), so lines stay apart."""
+    names = df["sections"].astype(object).where(df["sections"].notna(), "unknown") \
+        if "sections" in df else pd.Series("unknown", index=df.index, dtype=object)
+    if "sections_include" not in df:
+        return names
+    include = df["sections_include"].astype(object)
+    ambiguous = include.groupby(names).transform(lambda s: s.nunique(dropna=False) > 1)
+    return names.where(~ambiguous.astype(bool), names + " (" + include.fillna("?") + ")")
+
+
 def curve_keys(df: pd.DataFrame, group_by: str | Iterable[str] | None = None) -> pd.Series:
     """The curve each row belongs to: its sections preset, then each group_by value."""
-    from analysis.plots import preset_labels  # plots imports this module
-
     labels = preset_labels(df).astype(str)
     for col in as_columns(group_by):
         if col not in df.columns:
@@ -57,8 +73,7 @@ def check_comparable(df: pd.DataFrame, group_by: str | Iterable[str] | None = No
     message names every offending column with its distinct values.
     """
     grouped = as_columns(group_by)
-    status = df["status"] if "status" in df else pd.Series("ok", index=df.index)
-    ok = df[(status == "ok").fillna(False).to_numpy()]
+    ok = ok_runs(df)
     if ok.empty:
         return
     checked = [c for c in columns if c in ok.columns and c not in grouped]

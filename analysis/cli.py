@@ -67,12 +67,32 @@ def grid_report(df: pd.DataFrame, source: str, sweep_dirs: Sequence[Path] | None
     return pd.concat(frames, ignore_index=True)
 
 
+def _point_line(row, several: bool) -> str:
+    sweep = Path(row.sweep_dir)  # multirun/<sweep>/<date>: name both when several
+    return (f"{sweep.parent.name}/{sweep.name} " if several else "") \
+        + f"job {row.job}: {row.point}"
+
+
 def missing_descriptions(grid: pd.DataFrame) -> list[str]:
-    """'job 3 trunc=0.25 sections=cot' per missing point (with the sweep dir if several)."""
-    rows = grid[grid["status"] == "missing"]
+    """'job 3: trunc=0.25 sections=cot' per point without any result (with the sweep
+    dir's name when there are several)."""
     several = grid["sweep_dir"].nunique() > 1
-    return [(f"{Path(r.sweep_dir).name} " if several else "") + f"job {r.job}: {r.point}"
-            for r in rows.itertuples()]
+    return [_point_line(r, several) for r in grid[grid["status"] == "missing"].itertuples()]
+
+
+def footnote_points(df: pd.DataFrame, grid: pd.DataFrame) -> list[str]:
+    """Grid points a figure's footnote must add to the frame's failed runs: those
+    without a result, and those that failed before their run got an id the frame
+    would list (an online frame never saw them)."""
+    several = grid["sweep_dir"].nunique() > 1
+    known = set(df["run_id"].dropna().astype(str))
+    lines = []
+    for row in grid[grid["status"] != "ok"].itertuples():  # in job order
+        if row.status == "missing":
+            lines.append(_point_line(row, several))
+        elif row.run_id is None or str(row.run_id) not in known:
+            lines.append(f"{_point_line(row, several)} ({row.status}: {row.error})")
+    return lines
 
 
 def print_problems(df: pd.DataFrame, grid: pd.DataFrame) -> None:
@@ -155,7 +175,9 @@ def run_paper(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
         print(f"sections figure skipped: {exc}")
     fig = figure_truncation(df, missing, args.group_by, args.retained_average)
     paths += save_figure(fig, args.out, "truncation")
-    return paths + save_figure(figure_of(_example(df, args)), args.out, "example")
+    example = _example(df, args)
+    print(f"example: {example.origin}")
+    return paths + save_figure(figure_of(example), args.out, "example")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,8 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{len(df)} runs from {args.source}")
-    missing = missing_descriptions(grid)
+    print(f"{len(df)} run{'' if len(df) == 1 else 's'} from {args.source}")
+    missing = footnote_points(df, grid)
     run = run_tradeoff if args.command == "tradeoff" else run_paper
     paths = run(df, args, missing)
     print_problems(df, grid)

@@ -1,4 +1,4 @@
-"""The paper's example figure: one real training sequence, P / CoT / A coloured, truncation cut marked.
+"""The paper's example figure: one real training sequence, P / CoT / A coloured, the cut marked.
 
 The sequence is made by the project's own pipeline (chat template → tokenize →
 spans on the full sequence → kept window → supervised mask), so the figure
@@ -32,6 +32,7 @@ class Example:
     supervised: list[bool]  # per kept token: a KD target
     trunc: float
     mode: str
+    origin: str = ""  # where it comes from, shown under the figure
 
 
 def example_from_config(seed: int = 42, trunc: float = 0.5, mode: str = "lead",
@@ -51,10 +52,18 @@ def example_from_config(seed: int = 42, trunc: float = 0.5, mode: str = "lead",
     records = make_split(1, seed, min_steps, max_steps)
     encoded, _ = encode(records, tokenizer, max_tokens)
     ids, spans = encoded[0].input_ids, encoded[0].spans
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+        # A run's saved tokenizer that does not know the words the task makes now:
+        # the task's code changed since that run, so this is not what it trained on.
+        unknown = ids.count(tokenizer.unk_token_id)
+        raise ValueError(f"{unknown} tokens of the regenerated example are unknown to the "
+                         "tokenizer: the embedded task changed since it was built")
     window, mask = supervised_tokens(len(ids), spans, tuple(sections), trunc, mode,
                                      cut_after_think=cut_after_think, seed=seed)
     return Example(tokens=tokenizer.convert_ids_to_tokens(ids), spans=spans, window=window,
-                   supervised=mask, trunc=trunc, mode=mode)
+                   supervised=mask, trunc=trunc, mode=mode,
+                   origin=f"first training problem of the embedded task, data seed {seed}, "
+                          f"sections {'+'.join(sections)}")
 
 
 def example_from_run(run_dir) -> Example:
@@ -76,13 +85,15 @@ def example_from_run(run_dir) -> Example:
 
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     truncation = config.get("truncation") or {}
-    return example_from_config(
+    example = example_from_config(
         seed=data.get("seed", 42), trunc=config.get("trunc", 1.0),
         mode=truncation.get("mode", "lead"),
         sections=tuple((config.get("sections") or {}).get("include") or ("P", "CoT", "A")),
         cut_after_think=bool(truncation.get("cut_after_think", False)),
         min_steps=data.get("min_steps", 2), max_steps=data.get("max_steps", 12),
         max_tokens=data.get("max_tokens", 4096), tokenizer=tokenizer)
+    example.origin = f"run {record.get('run_id') or Path(run_dir).name}: {example.origin}"
+    return example
 
 
 def _section(spans, index: int) -> str:
@@ -171,10 +182,14 @@ def figure_example(tokens: Sequence[str], spans, window: tuple[int, int], ax: Ax
 
 
 def figure_of(example: Example) -> Figure:
-    """figure_example for an Example, titled with its truncation."""
+    """figure_example for an Example, titled with its truncation, its origin below."""
+    from analysis.plots import add_footnote
+
     start, end = example.window
-    return figure_example(
+    fig = figure_example(
         example.tokens, example.spans, example.window, supervised=example.supervised,
         title=f"one training sequence ({len(example.tokens)} tokens) at trunc={example.trunc:g}, "
               f"mode {example.mode}: tokens [{start}, {end}) kept, "
               f"{sum(example.supervised)} of them KD targets")
+    add_footnote(fig, example.origin)
+    return fig

@@ -8,7 +8,7 @@ runs and missing grid points in a footnote.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -16,12 +16,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from analysis.aggregate import grid_points, preset_rank
-from analysis.checks import check_comparable
-from analysis.plots import (add_footnote, axis_label, footnote, legend_title, ok_runs,
-                            plot_tradeoff)
+from analysis.checks import check_comparable, ok_runs
+from analysis.plots import add_footnote, axis_label, footnote, legend_title, plot_tradeoff
 from analysis.stats import FULL_TRUNC
+from analysis.tables import MIB
 
-MIB = 2**20
 LEVEL = 0.95  # confidence level of every interval drawn
 RETAINED_LABELS = {
     "ratio_of_means": "% of trunc=1.0 accuracy retained\n(ratio of means over benchmarks)",

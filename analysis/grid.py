@@ -9,6 +9,8 @@ that with Hydra's own override parser, so ``a=1,2``, ``range(0,3)``,
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import logging
 import math
@@ -81,10 +83,18 @@ def expand(overrides: list[str], config_sources: Iterable[Mapping] = ()) -> list
     return [list(job) for job in itertools.product(*choices.values())]
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_one(override: str) -> tuple[str, Any] | None:
+    # Hydra's parser takes about a millisecond per string; a sweep repeats a few
+    # strings (trunc=0.5) over all its jobs, so each is parsed once.
+    (parsed,) = _parser().parse_overrides([override])
+    return None if parsed.is_hydra_override() else (point_key(parsed), parsed.value())
+
+
 def parse_point(job_overrides: Iterable[str]) -> dict[str, Any]:
     """{key: value} of one job's override strings, values typed as Hydra types them."""
-    return {point_key(o): o.value() for o in _parser().parse_overrides(list(job_overrides))
-            if not o.is_hydra_override()}
+    pairs = [_parse_one(str(o)) for o in job_overrides]
+    return {key: copy.deepcopy(value) for key, value in filter(None, pairs)}
 
 
 def read_multirun(sweep_dir) -> dict:
@@ -160,6 +170,8 @@ def _observed(df: pd.DataFrame, sweep_dir) -> list[dict]:
 
     A run whose result.json lies in sweep_dir is known by the overrides Hydra
     recorded for it (exact); a run known only through the frame by its columns.
+    Where sweep_dir holds result.json files, only their runs count, so another
+    launch of the same sweep (another dir, same values) fills none of its points.
     Points that failed before a run id existed are known only from result.json.
     """
     from analysis.load import read_result_records
@@ -169,6 +181,8 @@ def _observed(df: pd.DataFrame, sweep_dir) -> list[dict]:
     observed = []
     for row in df.to_dict("records"):
         record = by_id.get(None if _missing(row.get("run_id")) else row["run_id"])
+        if records and record is None:
+            continue
         values = _record_values(record) if record is not None else None
         observed.append({"values": values if values is not None else frame_values(row),
                          "status": row.get("status"), "run_id": row.get("run_id"),
@@ -229,10 +243,20 @@ def grid_status(df: pd.DataFrame, sweep_dir) -> pd.DataFrame:
     missing), run_id and error of the run that stands for it."""
     grid = expected_grid(sweep_dir)
     varying = varying_keys(grid)
-    observed = _observed(df, sweep_dir)
+    # Runs that tell every swept value are looked up by them; only the others are
+    # tried against each point, so a 1,000-point sweep is not a million comparisons.
+    by_values: dict[tuple, list[dict]] = {}
+    partial = []
+    for entry in _observed(df, sweep_dir):
+        if all(k in entry["values"] for k in varying):
+            key = tuple(repr(_norm(entry["values"][k])) for k in varying)
+            by_values.setdefault(key, []).append(entry)
+        else:
+            partial.append(entry)
     rows = []
     for job, point in enumerate(grid):
-        matches = [o for o in observed if _matches(point, o["values"], varying)]
+        candidates = by_values.get(tuple(repr(_norm(point.get(k))) for k in varying), [])
+        matches = [o for o in candidates + partial if _matches(point, o["values"], varying)]
         best = min(matches, key=lambda o: _STATUS_RANK.get(o["status"], 3), default=None)
         rows.append({"sweep_dir": str(sweep_dir), "job": job,
                      "point": describe(point, varying or None),

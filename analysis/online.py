@@ -20,8 +20,9 @@ from analysis.load import runs_frame, wandb_status
 log = logging.getLogger(__name__)
 
 # Runs per page. wandb's default is 50; a page of config + summary of a few
-# hundred keys each is small, so fewer, larger pages mean fewer requests.
-DEFAULT_PER_PAGE = 200
+# hundred keys each is small, so fewer, larger pages mean fewer requests,
+# while staying well below sizes that make the server's query slow.
+DEFAULT_PER_PAGE = 100
 # Consecutive rate-limited attempts before giving up; with BASE_DELAY_S the
 # waits are 2, 4, ..., 64 s (two minutes in all), longer than W&B's
 # one-minute rate-limit window.

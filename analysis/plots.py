@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from analysis.checks import as_columns, check_comparable, curve_keys
+from analysis.checks import as_columns, check_comparable, curve_keys, ok_runs
 from analysis.stats import mean_stderr, pareto_front
 
 AXIS_LABELS = {
@@ -43,24 +43,6 @@ def stderr_column(y: str) -> str:
     if y.startswith("acc_"):
         return "stderr_" + y[len("acc_"):]
     return f"{y}_stderr"
-
-
-def preset_labels(df: pd.DataFrame) -> pd.Series:
-    """Sections preset name per row, with the included sections appended where one
-    name covers several combinations (the 'custom' preset), so lines stay apart."""
-    names = df["sections"].astype(object).where(df["sections"].notna(), "unknown") \
-        if "sections" in df else pd.Series("unknown", index=df.index, dtype=object)
-    if "sections_include" not in df:
-        return names
-    include = df["sections_include"].astype(object)
-    ambiguous = include.groupby(names).transform(lambda s: s.nunique(dropna=False) > 1)
-    return names.where(~ambiguous.astype(bool), names + " (" + include.fillna("?") + ")")
-
-
-def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """The runs that finished (status ok); the only ones any figure draws."""
-    status = df["status"] if "status" in df else pd.Series(["ok"] * len(df), index=df.index)
-    return df[(status == "ok").fillna(False).to_numpy()]
 
 
 def _points(ok: pd.DataFrame, x: str, y: str, group_by=None) -> pd.DataFrame:
@@ -108,6 +90,9 @@ def footnote(df: pd.DataFrame, missing: Iterable[str | Mapping] = (), dropped: i
     status = df["status"].astype(object) if "status" in df else pd.Series(["ok"] * len(df))
     failed = df[~status.isin(["ok", "running"]).to_numpy()]
     lines = []
+    running = int((status == "running").sum())
+    if running:
+        lines.append(f"{_runs(running)} still running, not shown")
     if len(failed):
         run_ids = failed["run_id"] if "run_id" in failed else pd.Series([None] * len(failed))
         ids = [str(i) for i in run_ids.astype(object).fillna("?")]
@@ -117,7 +102,8 @@ def footnote(df: pd.DataFrame, missing: Iterable[str | Mapping] = (), dropped: i
     points = [_point_text(p) for p in missing]
     if points:
         noun = "grid point" if len(points) == 1 else "grid points"
-        lines.append(f"{len(points)} {noun} of the sweep without a result: {_listed(points, '; ')}")
+        lines.append(f"{len(points)} {noun} of the sweep without a finished run: "
+                     + _listed(points, "; "))
     return "\n".join(lines)
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.aggregate import grid_points
-from analysis.checks import as_columns
+from analysis.aggregate import grid_points, numeric_column
+from analysis.checks import as_columns, ok_runs
 from analysis.stats import retained
 
 MIB = 2**20
@@ -28,27 +28,20 @@ def _accuracy_text(acc: Any, err: Any) -> str | None:
     return f"{100 * acc:.1f} ± {100 * err:.1f}"
 
 
-def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
-    if column not in df:
-        return pd.Series(math.nan, index=df.index, dtype=float)
-    return pd.to_numeric(df[column], errors="coerce")
-
-
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per ok run (grid point), sorted by (sections, trunc).
 
     Numbers stay numeric (rounded for display) so the CSV stays usable; only
     the accuracy column is text, because it pairs value and error.
     """
-    status = df["status"] if "status" in df else pd.Series("ok", index=df.index)
-    ok = df[(status == "ok").fillna(False).to_numpy()].copy()
+    ok = ok_runs(df).copy()
     has_metric = {"accuracy", "trunc"} <= set(ok.columns)
     ok["_retained"] = retained(ok) if has_metric else math.nan
     keys = [c for c in ("sections", "trunc", "seed", "run_id") if c in ok]
     ok = ok.sort_values(keys, na_position="last", kind="stable")
 
     table = pd.DataFrame(index=ok.index)
-    table["trunc"] = _numeric(ok, "trunc")
+    table["trunc"] = numeric_column(ok, "trunc")
     table["sections"] = ok["sections"] if "sections" in ok else None
     if "sections_include" in ok and "sections" in ok:
         # One preset name (e.g. 'custom') may stand for several section combinations.
@@ -58,12 +51,13 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     for col in _VARYING:
         if col in ok and ok[col].astype(object).nunique(dropna=False) > 1:
             table[col] = ok[col]
-    table["train FLOPs"] = _numeric(ok, "train_flops")
-    table["train time (s)"] = _numeric(ok, "train_time_s").round(1)
-    table["peak memory (MiB)"] = (_numeric(ok, "peak_memory_bytes").astype(float) / MIB).round(1)
-    table["tokens trained"] = _numeric(ok, "tokens_trained")
-    table["tokens supervised"] = _numeric(ok, "tokens_supervised")
-    acc, err = _numeric(ok, "accuracy"), _numeric(ok, "accuracy_stderr")
+    table["train FLOPs"] = numeric_column(ok, "train_flops")
+    table["train time (s)"] = numeric_column(ok, "train_time_s").round(1)
+    memory = numeric_column(ok, "peak_memory_bytes").astype(float)
+    table["peak memory (MiB)"] = (memory / MIB).round(1)
+    table["tokens trained"] = numeric_column(ok, "tokens_trained")
+    table["tokens supervised"] = numeric_column(ok, "tokens_supervised")
+    acc, err = numeric_column(ok, "accuracy"), numeric_column(ok, "accuracy_stderr")
     table[ACCURACY] = pd.Series([_accuracy_text(a, e) for a, e in zip(acc, err)],
                                 index=ok.index, dtype=object)
     table[RETAINED] = (100 * ok["_retained"]).round(1)

@@ -41,7 +41,12 @@ def summarize_sweep(sweep_dir: Path, folders: list[Path], title: str = "") -> tu
     table.to_csv(sweep_dir / "summary.csv", index=False)
     markdown = to_markdown(table)
     (sweep_dir / "summary.md").write_text(f"# {title}\n\n{markdown}\n")
-    ax = plot_tradeoff(frame)
+    from analysis.checks import COMPARABLE
+
+    # A sweep over loss, truncation mode, ... draws one curve per value instead of mixing them.
+    ok = frame[frame["status"] == "ok"]
+    varying = [c for c in COMPARABLE if c in ok and ok[c].astype(str).nunique() > 1]
+    ax = plot_tradeoff(frame, group_by=varying or None)
     if title:
         ax.set_title(title)
     paths = save_figure(ax.figure, sweep_dir, "tradeoff")

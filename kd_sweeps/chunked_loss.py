@@ -12,7 +12,9 @@ recomputing would run both output layers twice (the teacher's head is the larges
 it saves no memory, because the head-weight gradient (V, H) is a full tensor either way (backward
 would return it too). So ``forward`` leaves two buffers behind for ``backward``: d loss / d hidden
 (N, H) and d loss / d head weight (V, H); ``backward`` only scales them by the incoming gradient.
-Nothing of size N x V ever exists; the peak extra memory is a few (chunk_size, V) fp32 tensors.
+Nothing of size N x V ever exists. The peak extra memory is set by one chunk's loss: about 9
+(chunk_size, V) fp32 tensors for forward_kl and 15 for jsd (mostly ``token_divergence``'s own
+intermediates), plus the (V, H) weight-gradient buffer.
 
 Out of scope: heads that are not a plain linear map of the last hidden state, such as logit
 soft-capping (Gemma 2/3) or logit scaling (Cohere, Granite); ``hidden_and_head`` refuses them.
@@ -86,11 +88,13 @@ class _Teacher:
         """Per-row divergence (c,) times temperature**2 for the chunk ``rows``."""
         if self.topk is not None:
             values, indices = self.topk
-            return _sparse_divergence(student_logits, values[rows], indices[rows], loss) * loss["temperature"] ** 2
-        with torch.no_grad():  # the teacher is frozen: no graph on its side
-            hidden = self.hidden[rows]  # (c, Ht)
-            teacher_logits = self.logits_fn(hidden) if self.logits_fn else F.linear(hidden, self.weight)  # (c, V)
-        return token_divergence(student_logits, teacher_logits, **loss) * loss["temperature"] ** 2
+            divergence = _sparse_divergence(student_logits, values[rows], indices[rows], loss)  # (c,)
+        else:
+            with torch.no_grad():  # the teacher is frozen: no graph on its side
+                hidden = self.hidden[rows]  # (c, Ht)
+                logits = self.logits_fn(hidden) if self.logits_fn else F.linear(hidden, self.weight)  # (c, V)
+            divergence = token_divergence(student_logits, logits, **loss)  # (c,)
+        return divergence * loss["temperature"] ** 2
 
 
 def _sparse_divergence(student_logits: Tensor, values: Tensor, indices: Tensor, loss: dict) -> Tensor:
@@ -103,7 +107,8 @@ def _sparse_divergence(student_logits: Tensor, values: Tensor, indices: Tensor, 
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     log_s = F.log_softmax(student_logits.to(dtype) / loss["temperature"], dim=-1)  # (c, V)
     student_top = log_s.gather(1, indices)  # (c, k)
-    student_rest = torch.logsumexp(log_s.scatter(1, indices, float("-inf")), dim=-1, keepdim=True)  # (c, 1)
+    others = log_s.scatter(1, indices, float("-inf"))  # (c, V) with the top-k ids removed
+    student_rest = torch.logsumexp(others, dim=-1, keepdim=True)  # (c, 1)
     values = values.to(dtype)
     # log(1 - sum_k p_T): clamped at 0 so rounding in the cache cannot make the rest mass negative.
     covered = torch.logsumexp(values, dim=-1, keepdim=True).clamp_max(0.0)  # (c, 1)
@@ -119,7 +124,7 @@ class _ChunkedKDCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, teacher, settings):
-        n, kd_ratio, loss = hidden.shape[0], settings["kd_ratio"], settings["loss"]
+        n, kd_ratio = hidden.shape[0], settings["kd_ratio"]
         dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
         # needs_input_grad stays True under torch.no_grad(), so the caller's grad mode is passed in.
         grad_enabled = settings["grad_enabled"]
@@ -128,31 +133,19 @@ class _ChunkedKDCE(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H)
         grad_weight = weight.new_zeros(weight.shape, dtype=dtype) if need_weight else None  # (V, H)
         grad_bias = weight.new_zeros(weight.shape[0], dtype=dtype) if need_bias else None  # (V,)
-        ce_sum = hidden.new_zeros((), dtype=dtype)
-        kd_sum = hidden.new_zeros((), dtype=dtype)
+        sums = hidden.new_zeros(2, dtype=dtype)  # (CE, KD) summed over rows
         for start in range(0, n, settings["chunk_size"]):
             rows = slice(start, min(start + settings["chunk_size"], n))
             chunk = hidden[rows]  # (c, H)
-            # Built outside the graph, then made a leaf: autograd below stops at the logits.
-            logits = F.linear(chunk, weight, bias).requires_grad_(need_any)  # (c, V)
-            with torch.enable_grad() if need_any else torch.no_grad():
-                ce_rows = F.cross_entropy(logits.to(dtype), targets[rows], reduction="none")  # (c,)
-                objective = (1.0 - kd_ratio) * ce_rows.sum()
-                if teacher is not None:
-                    kd_rows = teacher.kd_rows(logits, rows, loss)  # (c,)
-                    objective = objective + kd_ratio * kd_rows.sum()
-                    kd_sum += kd_rows.detach().sum()
-                objective = objective / n  # mean over all N rows, not over this chunk
-            ce_sum += ce_rows.detach().sum()
+            grad_logits = _chunk_loss(chunk, weight, bias, targets[rows], rows, teacher, settings, sums,
+                                      need_any)  # (c, V) or None
             if need_any:
-                (grad_logits,) = torch.autograd.grad(objective, logits)  # (c, V)
                 _push_through_head(grad_logits, chunk, weight, rows, grad_hidden, grad_weight, grad_bias)
-            del logits, ce_rows, objective  # free this chunk's (c, V) tensors before the next one
+            del grad_logits  # free this chunk's (c, V) gradient before the next chunk's logits
         ctx.grads = (grad_hidden,
                      grad_weight.to(weight.dtype) if need_weight else None,
                      grad_bias.to(bias.dtype) if need_bias else None)
-        count = max(n, 1)  # N == 0: sums are 0, so means are 0 rather than 0 / 0
-        ce_mean, kd_mean = ce_sum / count, kd_sum / count
+        ce_mean, kd_mean = sums / max(n, 1)  # N == 0: sums are 0, so means are 0 rather than 0 / 0
         ctx.mark_non_differentiable(ce_mean, kd_mean)
         return (1.0 - kd_ratio) * ce_mean + kd_ratio * kd_mean, ce_mean, kd_mean
 
@@ -167,19 +160,53 @@ class _ChunkedKDCE(torch.autograd.Function):
         return (*scaled, None, None, None)
 
 
+def _chunk_loss(chunk, weight, bias, targets, rows, teacher, settings, sums, need_grad) -> Optional[Tensor]:
+    """Adds this chunk's CE and KD sums into ``sums`` (2,); returns d objective / d logits (c, V).
+
+    The objective is ((1 - r) * CE_sum + r * KD_sum) / N, so that the chunks add up to the means.
+    KD goes first and its graph is freed before CE starts: at most one loss's (c, V) intermediates
+    are alive at a time. CE needs no graph: its gradient is softmax - one_hot, built in place.
+    """
+    n, kd_ratio = settings["n"], settings["kd_ratio"]
+    logits = F.linear(chunk, weight, bias)  # (c, V), in the matmul dtype (bf16 under autocast)
+    matmul_dtype = logits.dtype
+    # An fp32 (fp64) leaf: the gradient comes out, and is summed, at the loss precision.
+    logits = logits.to(sums.dtype).requires_grad_(need_grad)
+    grad = None
+    if teacher is not None:
+        with torch.enable_grad() if need_grad else torch.no_grad():
+            kd_rows = teacher.kd_rows(logits, rows, settings["loss"])  # (c,)
+        sums[1] += kd_rows.detach().sum()
+        if need_grad:
+            (grad,) = torch.autograd.grad(kd_rows, logits, torch.full_like(kd_rows, kd_ratio / n))
+        del kd_rows  # frees the KD graph
+    with torch.no_grad():
+        logits = logits.detach()
+        log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
+        sums[0] += (log_normaliser - logits.gather(1, targets[:, None])).sum()
+        if need_grad and kd_ratio < 1:
+            ce_grad = logits.sub_(log_normaliser).exp_()  # softmax (c, V), reusing the logits' storage
+            ce_grad[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+            ce_weight = (1 - kd_ratio) / n
+            grad = ce_grad.mul_(ce_weight) if grad is None else grad.add_(ce_grad, alpha=ce_weight)
+    return None if grad is None else grad.to(matmul_dtype)
+
+
 def _push_through_head(grad_logits, chunk, weight, rows, grad_hidden, grad_weight, grad_bias):
     """Chain rule through logits = chunk @ weight.T + bias, for one chunk of rows.
 
-    grad_logits (c, V), chunk (c, H), weight (V, H). The matmuls run in the logits' dtype (so under
-    autocast like the forward); the weight gradient is summed over chunks in fp32 (fp64 for fp64).
+    grad_logits (c, V) in the dtype the forward matmul produced, chunk (c, H), weight (V, H). Without
+    autocast all three share one dtype; under autocast the matmuls below are cast like the forward
+    one (autocast caches the weight's cast). The weight gradient is summed over chunks in fp32 (fp64
+    for fp64); when the product is in lower precision that costs one (V, H) temporary per chunk.
     """
     if grad_hidden is not None:
-        grad_hidden[rows] = grad_logits @ weight.to(grad_logits.dtype)  # (c, H)
+        grad_hidden[rows] = grad_logits @ weight  # (c, H)
     if grad_weight is not None:
         if grad_logits.dtype == chunk.dtype == grad_weight.dtype:
             grad_weight.addmm_(grad_logits.T, chunk)  # (V, H) += (V, c) @ (c, H), no temporary
         else:
-            grad_weight += grad_logits.T @ chunk.to(grad_logits.dtype)
+            grad_weight += grad_logits.T @ chunk  # (V, H) product in the autocast dtype
     if grad_bias is not None:
         grad_bias += grad_logits.sum(0)
 
@@ -214,7 +241,8 @@ def chunked_kd_ce(
         targets: (N,) next-token ids, valid ids in [0, V).
         name, temperature, beta, alpha, mix: the KD divergence, as in ``losses.token_divergence``.
         kd_ratio: weight of KD in the total, in [0, 1].
-        chunk_size: rows per chunk; the peak extra memory is a few (chunk_size, V) fp32 tensors.
+        chunk_size: rows per chunk; the peak extra memory is about 9-15 (chunk_size, V) fp32 tensors
+            (see the module docstring), so 512 rows at V = 151,936 need roughly 2.6-4.3 GiB.
         student_head_bias: optional (V,) bias of the student output layer; differentiated.
         teacher_logits_fn: optional map from a chunk of teacher hidden states (c, Ht) to teacher
             logits (c, V), for teachers whose head is not ``hidden @ teacher_head_weight.T``.
@@ -247,6 +275,7 @@ def chunked_kd_ce(
                            None if teacher_head_weight is None else teacher_head_weight.detach(),
                            teacher_logits_fn, teacher_topk)
     settings = {"kd_ratio": kd_ratio if teacher is not None else 0.0, "chunk_size": chunk_size,
+                "n": student_hidden.shape[0],
                 "grad_enabled": torch.is_grad_enabled(),
                 "loss": {"name": name, "temperature": temperature, "beta": beta, "alpha": alpha, "mix": mix}}
     total, ce_mean, kd_mean = _ChunkedKDCE.apply(

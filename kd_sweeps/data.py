@@ -8,6 +8,7 @@ dataset serves the whole sweep.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -17,8 +18,8 @@ import torch
 from kd_sweeps.sections import MarkerError, Spans, find_spans, label_tensor, supervised_tokens
 from kd_sweeps.synthetic import make_split
 
+log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-RECORD_FIELDS = ("problem", "reasoning", "answer")
 
 
 class DataError(ValueError):
@@ -49,34 +50,28 @@ class EncodeStats:
 
 
 def load_records(data_cfg, split: str) -> list[dict]:
-    """The records of one split: ``train`` or ``test``."""
+    """The records of one split: ``train``, ``val`` (checkpoint selection) or ``test`` (the embedded
+    task's held-out problems; real datasets are evaluated on benchmarks instead)."""
     if data_cfg.source == "synthetic":
         # Test problems come from another seed; any that also occur in train are dropped.
         train = make_split(data_cfg.n_train, data_cfg.seed, data_cfg.min_steps, data_cfg.max_steps)
         if split == "train":
             return train
         seen = {r["problem"] for r in train}
-        test = make_split(data_cfg.n_test * 2, data_cfg.seed + 1, data_cfg.min_steps, data_cfg.max_steps)
-        return [r for r in test if r["problem"] not in seen][: data_cfg.n_test]
-    return _load_file_records(data_cfg, split)
+        seed = data_cfg.seed + (1 if split == "test" else 2)
+        size = data_cfg.n_test if split == "test" else data_cfg.n_val or data_cfg.n_test
+        held_out = make_split(size * 2, seed, data_cfg.min_steps, data_cfg.max_steps)
+        return [r for r in held_out if r["problem"] not in seen][:size]
+    from kd_sweeps.sources import DATASETS, load_reasoning_dataset
 
-
-def _load_file_records(data_cfg, split: str) -> list[dict]:
-    """Records from a local JSON/JSONL file or a hub dataset already in the project's schema."""
-    import datasets
-
-    if data_cfg.source == "json":
-        ds = datasets.load_dataset("json", data_files=data_cfg.path, split="train")
-    else:
-        ds = datasets.load_dataset(data_cfg.path, split="train")
-    missing = [f for f in RECORD_FIELDS if f not in ds.column_names]
-    if missing:
-        raise DataError(f"data.path={data_cfg.path!r}: records lack field(s) {missing}; "
-                        f"each record needs {list(RECORD_FIELDS)} (has {ds.column_names})")
-    rows = ds.train_test_split(test_size=min(data_cfg.n_test, len(ds) // 2), seed=data_cfg.seed)
-    part = rows["train" if split == "train" else "test"]
-    limit = data_cfg.n_train if split == "train" else data_cfg.n_test
-    return [part[i] for i in range(min(limit, len(part)))]
+    train, val, report = load_reasoning_dataset(
+        data_cfg.path or DATASETS[data_cfg.name].hub_id, source=data_cfg.source,
+        n_train=data_cfg.n_train, n_val=data_cfg.n_val, seed=data_cfg.seed, split=data_cfg.split,
+        dataset=data_cfg.name if data_cfg.name in DATASETS else None)
+    log.info("data %s: %s", data_cfg.name, report.summary())
+    if split == "test":
+        raise DataError(f"data.name={data_cfg.name!r} has no test split: evaluate it on eval.benchmarks")
+    return train if split == "train" else val
 
 
 def messages(record: dict) -> list[dict]:

@@ -13,7 +13,6 @@ from typing import Sequence
 import torch
 
 from kd_sweeps.data import prompt_messages
-from kd_sweeps.synthetic import extract_boxed
 
 
 @dataclass
@@ -25,18 +24,16 @@ class EvalResult:
     per_problem: list[float]  # mean correctness per problem, for paired comparisons
 
 
-def answers_match(predicted: str | None, gold: str) -> bool:
-    """Exact match first; otherwise math-verify, which knows that 1/2, 0.5 and \\frac{1}{2} agree."""
-    if predicted is None:
-        return False
-    if predicted.strip() == gold.strip():
-        return True
-    from math_verify import parse, verify
+def answers_match(completion: str, gold: str) -> bool:
+    """The last ``\\boxed{}`` of a completion against the gold answer: exact match first (fast, and
+    all the embedded task needs); otherwise math-verify, which knows that 1/2, 0.5 and
+    \\frac{1}{2} agree."""
+    from kd_sweeps.benchmarks import check_answer, last_boxed
 
-    # Timeouts use signals, which only work in the main thread: switch them off.
-    gold_parsed = parse(f"${gold}$", parsing_timeout=None)
-    pred_parsed = parse(f"${predicted}$", parsing_timeout=None)
-    return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
+    predicted = last_boxed(completion)
+    if predicted is not None and predicted.strip() == str(gold).strip():
+        return True
+    return check_answer(completion, str(gold))
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -77,23 +74,25 @@ def generate_answers(model, tokenizer, records: Sequence[dict], eval_cfg, device
                 else:
                     ids = [t for t in ids if t != tokenizer.pad_token_id]
                 generated += len(ids)
-                outputs[start + row].append(tokenizer.decode(ids, skip_special_tokens=True))
+                # Keep <think>/</think> (special tokens): the answer is looked for after them.
+                text_ids = [t for t in ids if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
+                outputs[start + row].append(tokenizer.decode(text_ids, skip_special_tokens=False))
     return outputs, generated
 
 
-BENCHMARKS = ("synthetic",)  # the embedded task's held-out split
-
-
 def benchmark_records(name: str, eval_cfg) -> list[dict]:
-    """Problems of a named benchmark other than the embedded one."""
-    raise ValueError(f"eval.benchmarks: unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+    """Problems of a math benchmark (hub, or a local copy named in eval.benchmark_paths)."""
+    from kd_sweeps.benchmarks import load_benchmark
+
+    path = (eval_cfg.benchmark_paths or {}).get(name)
+    return load_benchmark(name, path=path, n=eval_cfg.n_problems, prompt_style=eval_cfg.prompt_style)
 
 
 def evaluate(model, tokenizer, records: Sequence[dict], eval_cfg, device) -> EvalResult:
     completions, generated = generate_answers(model, tokenizer, records, eval_cfg, device)
     per_problem = []
     for record, samples in zip(records, completions):
-        hits = [answers_match(extract_boxed(text), str(record["answer"])) for text in samples]
+        hits = [answers_match(text, record["answer"]) for text in samples]
         per_problem.append(sum(hits) / len(hits))
     accuracy, stderr = mean_stderr(per_problem)
     return EvalResult(accuracy, stderr, len(records), generated, per_problem)

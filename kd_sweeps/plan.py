@@ -1,44 +1,13 @@
-"""Plan a sweep before spending anything: every grid point with its tokens, FLOPs and peak memory.
+"""Plan a sweep before spending anything: each grid point's training tokens, FLOPs and peak memory.
 
     python -m kd_sweeps.plan trunc=0.25,0.5,1.0 sections=all,cot      # the overrides of launch.py -m
 
 The grid is expanded by Hydra's own override parser and basic sweeper (``a,b``, ``range()``,
-``choice()``, ``glob()``, list values such as ``'sections.include=[P],[CoT]'``, and
-``hydra.sweeper.params``), every point is composed as its job would be and validated; all problems
-are listed, each naming its point. Nothing is launched, no model is built or trained.
-
-Composition: a point's config-group choices (``sections=cot``, ``loss=jsd``) are composed by Hydra
-once per distinct set of choices; its value overrides (``trunc=0.5``) are then applied by Hydra's own
-override code to a copy, which is what Hydra does after composing the defaults. This is what makes
-1,000 points take seconds instead of a minute (a full composition costs ~60 ms).
-
-Tokens. Embedded student: the training data are encoded with the embedded tokenizer (cached per
-data config within the plan) and each point's truncation and sections are applied to the real
-P/CoT/A spans, exactly as ``data.training_examples`` does. Pretrained student: its tokenizer is not
-loaded (a hub download); lengths are estimated from characters, ``CHARS_PER_TOKEN`` = 3.5 characters
-per token (Qwen3's 151k BPE on English math reasoning: ~4 on prose, fewer where digits and LaTeX
-split one per token; expect +-25%), plus the chat template's 8 tokens before the answer turn and 2
-after it. A run draws ``train.max_steps * train.batch_size`` sequences uniformly from those with a
-supervised token, so the plan uses the mean over them (padding left out: length-grouped batches keep
-it to a few percent; the run records it as ``padding_ratio``).
-
-FLOPs: ``kd_sweeps.cost.kd_step_flops`` (student 3x forward, teacher 1x forward) at the kept lengths.
-
-Peak memory, one training process, analytic (bytes):
-    student  parameters x 4 x w     weights, gradients and AdamW's two moments in the weights' dtype
-                                    (w = 4 for fp32 weights, 2 for bf16), as models.load_pair loads them
-           + matmul weights x 2     autocast's bf16 copies of fp32 weights, kept for backward
-    teacher  parameters x w_t       frozen, no gradients, no optimizer state
-    activations  b x T x layers x 2 x (4 d + 3 q + 3 kv + 4 f) x a / 2
-                 (saved for backward in a Qwen3 layer: two norm inputs, projection inputs and outputs,
-                 SDPA inputs/output, four gated-MLP tensors; a = 2 bytes under bf16 autocast, 4 in fp32;
-                 no T x T scores: SDPA does not store them)
-    logits   b x T x V x 2 x a + b x S x V x 24
-                 (student and teacher logits, then ~24 bytes of fp32 log-softmaxes, probabilities and
-                 the logits' gradient per supervised position)
-with b = batch_size / grad_accum, T the longest kept sequence, S its most supervised tokens,
-d hidden, q = heads x head_dim, kv = kv_heads x head_dim, f intermediate, V vocabulary. Treat it as
-+-30%; sharding (FSDP, ZeRO) and activation checkpointing are not modelled.
+``choice()``, ``glob()``, list values, ``hydra.sweeper.params``); every point is composed as its job
+would be and validated, and every problem is listed with its point. Nothing is launched, no model is
+built. Tokens come from encoding the training data (embedded student) or from a character estimate
+(pretrained student: its tokenizer would be a download); FLOPs from ``kd_sweeps.cost``; peak memory
+from the analytic estimate of ``peak_memory_bytes``. docs/launching.md derives each.
 """
 
 from __future__ import annotations
@@ -58,14 +27,25 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+# Hydra's own multirun machinery (hydra-core is pinned below 1.4, where these modules live): the
+# grid and each point's config must come out exactly as ``launch.py -m`` makes them.
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.config_repository import CachingConfigRepository
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.defaults_list import Overrides
+from hydra._internal.utils import create_config_search_path
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_sweeps.cost import ModelShape, kd_step_flops
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-CHARS_PER_TOKEN = 3.5
+CHARS_PER_TOKEN = 3.5  # length estimate for pretrained tokenizers (see estimated_sequences)
 TEMPLATE_TOKENS_BEFORE, TEMPLATE_TOKENS_AFTER = 8, 2  # Qwen3 chat template around the two turns
-LOSS_BYTES_PER_LOGIT = 24
+LOSS_BYTES_PER_LOGIT = 24  # fp32 loss intermediates per supervised logit (see peak_memory_bytes)
 
 # (layers, hidden, heads, kv_heads, head_dim, intermediate, tied embeddings); vocabulary 151,936.
 # From each checkpoint's config.json; -Base checkpoints share their model's shape.
@@ -90,13 +70,6 @@ class GridComposer:
     """Expands and composes grid points as ``launch.py -m <overrides>`` would."""
 
     def __init__(self, overrides: list[str], config_name: str = "config", config_dir: Path = CONF_DIR):
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
-        from hydra._internal.config_repository import CachingConfigRepository
-        from hydra._internal.utils import create_config_search_path
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-        from hydra.core.plugins import Plugins
-        from hydra.types import RunMode
-
         from kd_sweeps.schema import register_configs
 
         register_configs()
@@ -117,8 +90,6 @@ class GridComposer:
 
     def points(self) -> list[list[str]]:
         """Every point's overrides, in the order the basic sweeper launches them."""
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
         sweeper = self.master.hydra.sweeper
         if not str(sweeper._target_).endswith("BasicSweeper"):
             raise PlanError(f"hydra.sweeper is {sweeper._target_}; the plan expands basic-sweeper grids")
@@ -138,9 +109,6 @@ class GridComposer:
         """Like ``compose``, valid only inside the ``with`` block: the shared composition of the point's
         group choices is updated in place and restored afterwards, which is several times faster
         than copying a whole config per point."""
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
-        from hydra._internal.defaults_list import Overrides
-
         parsed = [self._parse(line) for line in point]
         # Hydra's own split: overrides the defaults list consumes (group choices) vs config values.
         values = Overrides(self._repo, parsed).config_overrides
@@ -186,6 +154,9 @@ def encoded_sequences(data_cfg, tokenizer) -> Sequences:
 
 
 def estimated_sequences(data_cfg) -> Sequences:
+    """Lengths from characters: ``CHARS_PER_TOKEN`` = 3.5 for Qwen3's 151k BPE on English math reasoning
+    (~4 on prose, fewer where digits split one per token: expect +-25%), each marker one token, plus
+    the chat template's 8 tokens before the answer turn and 2 after it."""
     from kd_sweeps import data
 
     def tokens(text: str) -> int:
@@ -255,7 +226,19 @@ def parameter_count(shape: ModelShape) -> int:
 
 def peak_memory_bytes(student: ModelShape, teacher: ModelShape, weight_bytes: int, teacher_bytes: int,
                       autocast: bool, micro_batch: int, max_len: int, max_supervised: int) -> int:
-    """The analytic estimate in the module docstring."""
+    """Bytes one training process holds at its peak (treat as +-30%; no sharding, no checkpointing):
+
+    student      4 x w x parameters: weights, gradients, AdamW's two moments, in the weights' dtype
+                 (w = 4 for fp32, 2 for bf16), + 2 x matmul weights for autocast's bf16 copies of fp32
+    teacher      w_t x parameters: frozen, no gradients, no optimizer state
+    activations  b x T x layers x a x (4 d + 3 q + 3 kv + 4 f): what a Qwen3 layer saves for backward
+                 (two norm inputs, projection inputs, q/k-norm and SDPA inputs, SDPA output, four MLP
+                 tensors); a = 2 bytes under bf16 autocast, 4 in fp32; SDPA keeps no T x T scores
+    logits       b x V x (2 a T + 24 S): student and teacher logits over all positions, then ~24
+                 bytes of fp32 log-softmaxes, probabilities and gradient per supervised position
+    b micro-batch, T longest kept sequence, S its supervised tokens, d hidden, q = heads x head_dim,
+    kv = kv_heads x head_dim, f intermediate, V vocabulary.
+    """
     act = 2 if autocast else 4
     states = 4 * weight_bytes * parameter_count(student)
     casts = 2 * student.matmul_params() if autocast and weight_bytes == 4 else 0
@@ -303,7 +286,8 @@ class Plan:
 class _Estimator:
     """Per-point cost; caches what many points share (encoded data, tokenizer, model shapes)."""
 
-    def __init__(self):
+    def __init__(self, assumed_lengths: tuple[int, int, int] | None = None):
+        self.assumed_lengths = assumed_lengths  # (P, CoT, A) tokens where the data cannot be read
         self._sequences: dict[str, Sequences | Exception] = {}
         self._shapes: dict[str, ModelShape | None] = {}
         self._tokenizer = None
@@ -323,11 +307,18 @@ class _Estimator:
                 self._sequences[key] = (encoded_sequences(cfg.data, self.tokenizer()) if embedded
                                         else estimated_sequences(cfg.data))
             except Exception as err:  # reported on every point that uses these data
-                self._sequences[key] = err
+                self._sequences[key] = self._assumed(cfg.data) if self.assumed_lengths else err
         found = self._sequences[key]
         if isinstance(found, Exception):
             raise ValueError(f"training data: {type(found).__name__}: {found}")
         return found
+
+    def _assumed(self, data_cfg) -> Sequences:
+        """Every sequence the same, with the given section lengths: data not at hand (a hub dataset
+        offline). Uniform lengths make the attention term a little low (mean T^2 >= (mean T)^2)."""
+        prompt, cot, answer = self.assumed_lengths
+        count = np.full(data_cfg.n_train or 10_000, 1, dtype=np.int64)  # only the count check uses it
+        return Sequences(count * (prompt + cot + answer), count * prompt, count * (prompt + cot), exact=False)
 
     def shape(self, spec) -> ModelShape | None:
         key = json.dumps(OmegaConf.to_container(spec, resolve=True), sort_keys=True)
@@ -382,8 +373,10 @@ def _one_line(err: Exception) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())
 
 
-def make_plan(overrides: list[str], config_name: str = "config", config_dir: Path = CONF_DIR) -> Plan:
-    """Expand, compose, validate and cost every point of ``launch.py -m <overrides>``."""
+def make_plan(overrides: list[str], config_name: str = "config", config_dir: Path = CONF_DIR,
+              assumed_lengths: tuple[int, int, int] | None = None) -> Plan:
+    """Expand, compose, validate and cost every point of ``launch.py -m <overrides>``.
+    ``assumed_lengths`` (P, CoT, A tokens) stand in for training data that cannot be read."""
     from kd_sweeps.validation import ConfigError, validate
 
     started = time.perf_counter()
@@ -394,7 +387,7 @@ def make_plan(overrides: list[str], config_name: str = "config", config_dir: Pat
         raise
     except Exception as err:  # the command line itself: unknown key, bad syntax, missing group
         raise PlanError(_one_line(err)) from err
-    estimator = _Estimator()
+    estimator = _Estimator(assumed_lengths)
     points = []
     for index, overrides_of_point in enumerate(grid):
         point = PlannedPoint(index, list(overrides_of_point))
@@ -427,9 +420,12 @@ def _gib(x: float | None) -> str:
 
 
 def format_plan(plan: Plan) -> str:
+    """One row per point (the overrides every point shares are printed once, above), then totals."""
+    shared = [o for o in plan.points[0].overrides if all(o in p.overrides for p in plan.points)] \
+        if len(plan.points) > 1 else []
     rows = [["#", "overrides", "train tokens", "supervised", "train FLOPs", "peak memory"]]
     for p in plan.points:
-        rows.append([str(p.index), " ".join(p.overrides) or "(defaults)",
+        rows.append([str(p.index), " ".join(o for o in p.overrides if o not in shared) or "(defaults)",
                      _count(p.tokens) + ("" if p.exact_tokens else "~"), _count(p.supervised),
                      "-" if p.flops is None else f"{p.flops:.3g}", _gib(p.peak_memory)])
     memories = [p.peak_memory for p in plan.points if p.peak_memory is not None]
@@ -441,8 +437,10 @@ def format_plan(plan: Plan) -> str:
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    if shared:
+        lines.insert(0, f"every point: {' '.join(shared)}")
     if any(not p.exact_tokens for p in plan.points):
-        lines.append(f"~ token counts estimated from characters ({CHARS_PER_TOKEN} per token)")
+        lines.append(f"~ token counts estimated: from characters ({CHARS_PER_TOKEN} per token) or --lengths")
     return "\n".join(lines)
 
 
@@ -456,18 +454,28 @@ def write_csv(plan: Plan, path: Path) -> None:
                              p.peak_memory, p.exact_tokens, " | ".join(p.problems)])
 
 
+def _lengths(text: str) -> tuple[int, int, int]:
+    parts = [int(x) for x in text.split(",")]
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError("expected three positive token counts: P,COT,A")
+    return parts[0], parts[1], parts[2]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd_sweeps.plan", description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="the overrides of launch.py -m")
     parser.add_argument("-m", "--multirun", action="store_true", help="accepted and ignored, to paste commands")
     parser.add_argument("--config-name", default="config")
     parser.add_argument("--csv", type=Path, help="also write one row per point to this CSV file")
+    parser.add_argument("--lengths", type=_lengths, metavar="P,COT,A",
+                        help="tokens of prompt, chain of thought and answer per sequence, assumed where "
+                             "the training data cannot be read (a hub dataset offline)")
     args = parser.parse_args(argv)
     # Planning never downloads: a hub dataset is used only if it is already in the local cache.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        plan = make_plan(args.overrides, args.config_name)
+        plan = make_plan(args.overrides, args.config_name, assumed_lengths=args.lengths)
     except PlanError as err:
         print(f"cannot expand the sweep: {err}", file=sys.stderr)
         return 2
@@ -477,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nplanned {len(plan.points)} point(s) in {plan.seconds:.1f} s; nothing was launched")
     if plan.problems:
         bad = sum(1 for p in plan.points if p.problems)
+        sys.stdout.flush()  # the table first, then the problems, also when both go to a terminal
         print(f"\n{len(plan.problems)} problem(s) in {bad} of {len(plan.points)} point(s):\n  "
               + "\n  ".join(plan.problems), file=sys.stderr)
         return 1

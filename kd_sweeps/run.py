@@ -66,7 +66,6 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> 
     cache_dir = Path(cfg.cache_dir).expanduser()
     tokenizer = models.load_tokenizer(cfg, cache_dir)
     encoded, stats = data.encode(data.load_records(cfg.data, "train"), tokenizer, cfg.data.max_tokens)
-    test_records = data.load_records(cfg.data, "test")[: cfg.eval.n_problems]
     examples, skipped = data.training_examples(encoded, cfg.sections.include, cfg.trunc, cfg.truncation.mode,
                                                cfg.truncation.cut_after_think, cfg.seed)
     if len(examples) < cfg.train.batch_size:
@@ -74,6 +73,9 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> 
                              f"with sections.include={list(cfg.sections.include)}, trunc={cfg.trunc}, "
                              f"truncation.mode={cfg.truncation.mode}; need at least train.batch_size="
                              f"{cfg.train.batch_size}")
+    # Evaluation problems are loaded now: a missing benchmark file fails before any training.
+    eval_sets = {bench: data.load_records(cfg.data, "test")[: cfg.eval.n_problems] if bench == "synthetic"
+                 else evaluate.benchmark_records(bench, cfg.eval) for bench in cfg.eval.benchmarks}
     teacher, student = models.load_pair(cfg, tokenizer, device)
     meter = CostMeter(ModelShape.from_config(student.model.config), ModelShape.from_config(teacher.model.config))
 
@@ -117,10 +119,10 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> 
     summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
     accuracies, stderrs = [], []
     for bench in cfg.eval.benchmarks:
-        records = test_records if bench == "synthetic" else evaluate.benchmark_records(bench, cfg.eval)
-        result = evaluate.evaluate(student.model, tokenizer, records, cfg.eval, device)
+        result = evaluate.evaluate(student.model, tokenizer, eval_sets[bench], cfg.eval, device)
         summary.update({f"eval/{bench}/accuracy": result.accuracy, f"eval/{bench}/stderr": result.stderr,
-                        f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens})
+                        f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens,
+                        f"eval/{bench}/per_problem": result.per_problem})
         accuracies.append(result.accuracy)
         stderrs.append(result.stderr)
     summary["accuracy"] = sum(accuracies) / len(accuracies)

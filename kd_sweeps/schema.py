@@ -41,11 +41,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # synthetic (embedded task) | a dataset preset name
-    source: str = "synthetic"  # synthetic | hub | json
-    path: str = ""  # hub id or local file/dir for hub/json sources
-    n_train: int = 2000  # training sequences (the same set for every grid point)
-    n_test: int = 200  # held-out evaluation problems
+    name: str = "synthetic"  # synthetic (embedded task) | a dataset of kd_sweeps.sources.DATASETS
+    source: str = "synthetic"  # synthetic | hub | json | path (a saved dataset or data-file folder)
+    path: str = ""  # hub id, JSON/JSONL file or folder; empty = the named dataset's hub id
+    split: Optional[str] = None  # split to read (None: the dataset's own)
+    n_train: Optional[int] = 2000  # training sequences, the same for every grid point (None: all)
+    n_val: Optional[int] = None  # validation sequences for checkpoint selection (None: paper's size)
+    n_test: int = 200  # embedded task: held-out evaluation problems
     min_steps: int = 2  # embedded task: reasoning steps per problem
     max_steps: int = 12
     max_tokens: int = 4096  # examples longer than this (tokenized, templated) are dropped
@@ -101,6 +103,8 @@ class EvalConfig:
     n_samples: int = 1  # samples per problem; accuracy = mean over samples (pass@1)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    prompt_style: str = "boxed"  # instruction appended to benchmark problems (kd_sweeps.benchmarks)
+    benchmark_paths: dict[str, str] = field(default_factory=dict)  # local copies: {name: file}
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""The embedded task: multi-step arithmetic with a real prompt / chain of thought / answer structure.
+"""The embedded task: repeated addition or subtraction, with a real prompt / chain of thought / answer.
 
-A problem is a start value and 2..12 labelled steps (``a+5 b-3 c+8``). The chain of thought restates
-the start, then each step followed by its arithmetic on the running value (``b-3: 7-3=4``), one per
-line, then states the result; the answer repeats it in ``\\boxed{}``. Restating each labelled step
-turns "find the k-th operand" into copying what follows the label in the prompt (an induction
-pattern), which is what lets a sub-million-parameter model learn long chains on a CPU in minutes. Lengths vary about 3x between 2 and 12 steps, so
+A problem is a start value, a step (``add 7`` or ``subtract 3``) and a count (2..12). The chain of
+thought restates the problem, then works one numbered line per repetition (``3: 18+7=25``) and
+states the result; the answer repeats it in ``\\boxed{}``. Every line reads the previous line's
+value, the step and the count, so the work is real multi-step arithmetic with two-digit carries and
+borrows, yet each line only needs nearby or unique tokens — learnable by a sub-million-parameter
+model on a CPU in a minute or two. Sequence lengths vary about 2x between 2 and 12 repetitions, so
 truncation cuts different sections of different examples, as it does on real reasoning traces.
 """
 
@@ -14,25 +15,21 @@ import random
 import re
 from dataclasses import dataclass
 
-STEP_LABELS = "abcdefghijkl"  # one letter per step: 12 steps at most
-MAX_VALUE = 9  # running values stay in [0, 9]: one-digit arithmetic, learnable by a tiny model in minutes
+MAX_VALUE = 99  # running values stay in [0, 99]
+MAX_STEP = 7  # the step is 1..7, so 9 + 12 * 7 = 93 still fits
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 @dataclass(frozen=True)
 class Problem:
     start: int
-    steps: tuple[tuple[str, int], ...]  # (operator, operand) with operator "+" or "-"
-    order: tuple[int, ...] = ()  # the order the prompt lists the steps in (empty = a, b, c, ...)
+    step: int  # signed: +7 adds 7, -3 subtracts 3
+    count: int  # repetitions
 
     @property
     def values(self) -> list[int]:
-        """Running value after each step (len == len(steps))."""
-        out, acc = [], self.start
-        for op, n in self.steps:
-            acc = acc + n if op == "+" else acc - n
-            out.append(acc)
-        return out
+        """Running value after each repetition (len == count)."""
+        return [self.start + self.step * (k + 1) for k in range(self.count)]
 
     @property
     def answer(self) -> int:
@@ -40,32 +37,30 @@ class Problem:
 
 
 def sample_problem(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
-    """Draw one problem; each step is chosen among those that keep the value in [0, MAX_VALUE]."""
-    n_steps = rng.randint(min_steps, max_steps)
-    acc = start = rng.randint(0, MAX_VALUE)
-    steps = []
-    for _ in range(n_steps):
-        ops = [op for op, room in (("+", MAX_VALUE - acc), ("-", acc)) if room > 0]
-        op = rng.choice(ops)
-        n = rng.randint(1, MAX_VALUE - acc if op == "+" else acc)
-        acc = acc + n if op == "+" else acc - n
-        steps.append((op, n))
-    return Problem(start, tuple(steps))
+    """Draw one problem whose running values all stay in [0, MAX_VALUE]."""
+    count = rng.randint(min_steps, max_steps)
+    size = rng.randint(1, MAX_STEP)
+    if rng.random() < 0.5:
+        return Problem(rng.randint(0, 9), size, count)
+    return Problem(rng.randint(size * count, MAX_VALUE), -size, count)
+
+
+def _instruction(problem: Problem) -> str:
+    verb = "add" if problem.step > 0 else "subtract"
+    return f"Start at {problem.start} and {verb} {abs(problem.step)}, {problem.count} times"
 
 
 def prompt_text(problem: Problem) -> str:
-    order = problem.order or range(len(problem.steps))
-    ops = " ".join(f"{STEP_LABELS[i]}{problem.steps[i][0]}{problem.steps[i][1]}" for i in order)
-    return f"Start at {problem.start} and apply {ops}. What is the result?"
+    return f"{_instruction(problem)}. What is the result?"
 
 
 def reasoning_text(problem: Problem) -> str:
     """The assistant turn: CoT between the markers, then the answer (paper format after formatting)."""
-    lines = [f"Start at {problem.start}."]
-    acc = problem.start
-    for i, ((op, n), new) in enumerate(zip(problem.steps, problem.values)):
-        lines.append(f"{STEP_LABELS[i]}{op}{n}: {acc}{op}{n}={new}")
-        acc = new
+    lines = [f"{_instruction(problem)}."]
+    previous, sign = problem.start, "+" if problem.step > 0 else "-"
+    for k, value in enumerate(problem.values, start=1):
+        lines.append(f"{k}: {previous}{sign}{abs(problem.step)}={value}")
+        previous = value
     lines.append(f"So the result is {problem.answer}.")
     cot = "\n".join(lines)
     return f"<think>\n{cot}\n</think>\n\nThe result is \\boxed{{{problem.answer}}}."
@@ -77,14 +72,8 @@ def make_split(n: int, seed: int, min_steps: int = 2, max_steps: int = 12) -> li
     records = []
     for _ in range(n):
         problem = sample_problem(rng, min_steps, max_steps)
-        records.append(
-            {
-                "problem": prompt_text(problem),
-                "reasoning": reasoning_text(problem),
-                "answer": str(problem.answer),
-                "n_steps": len(problem.steps),
-            }
-        )
+        records.append({"problem": prompt_text(problem), "reasoning": reasoning_text(problem),
+                        "answer": str(problem.answer), "n_steps": problem.count})
     return records
 
 
@@ -97,8 +86,7 @@ def extract_boxed(text: str) -> str | None:
 def corpus_text() -> str:
     """Every word and symbol the task can produce, to build the tokenizer's vocabulary from."""
     rng = random.Random(0)
-    texts = [prompt_text(sample_problem(rng, 12, 12)) + reasoning_text(sample_problem(rng, 12, 12))
-             for _ in range(50)]
+    texts = [prompt_text(p) + reasoning_text(p) for p in (sample_problem(rng, 12, 12) for _ in range(50))]
     signed = " ".join(f"{op}{d}" for op in "+-" for d in range(10))
-    texts.append(f"user assistant system 0123456789 {signed} {STEP_LABELS} +-=:.,?{{}}\\\n")
+    texts.append(f"user assistant system add subtract 0123456789 {signed} +-=:.,?{{}}\\\n")
     return "\n".join(texts)

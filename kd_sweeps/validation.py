@@ -11,12 +11,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps.evaluate import BENCHMARKS
+from kd_sweeps.benchmarks import BENCHMARKS as HUB_BENCHMARKS
+from kd_sweeps.sources import DATASETS
 from kd_sweeps.losses import LOSS_NAMES
 from kd_sweeps.sections import SECTION_PRESETS, SECTIONS, TRUNCATION_MODES
 
 MODEL_SOURCES = ("embedded", "pretrained")
-DATA_SOURCES = ("synthetic", "hub", "json")
+DATA_SOURCES = ("synthetic", "hub", "json", "path")
 PRECISIONS = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 LOGGER_MODES = ("offline", "online", "disabled")
@@ -84,13 +85,19 @@ def _check_models(cfg: DictConfig, issues: list[str]) -> None:
 def _check_data(cfg: DictConfig, issues: list[str]) -> None:
     data = cfg.data
     _choice(issues, "data.source", data.source, DATA_SOURCES)
-    for field in ("n_train", "n_test", "max_tokens"):
+    for field in ("n_test", "max_tokens"):
         _positive(issues, f"data.{field}", data[field])
+    for field in ("n_train", "n_val"):
+        if data[field] is not None:
+            _positive(issues, f"data.{field}", data[field])
     if data.source == "synthetic" and not 1 <= data.min_steps <= data.max_steps <= 12:
         issues.append(f"data.min_steps/max_steps={data.min_steps}/{data.max_steps}: "
                       "need 1 <= min <= max <= 12")
-    if data.source != "synthetic" and not data.path:
-        issues.append(f"data.path='': a {data.source} source needs a hub id or a local path")
+    if data.source in ("json", "path") and not data.path:
+        issues.append(f"data.path='': a {data.source} source needs a local file or folder")
+    if data.source == "hub" and not data.path and data.name not in DATASETS:
+        issues.append(f"data.name={data.name!r} with data.path='': name a dataset "
+                      f"({', '.join(DATASETS)}) or give its hub id in data.path")
 
 
 def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
@@ -116,7 +123,10 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
     if not list(ev.benchmarks):
         issues.append("eval.benchmarks=[]: list at least one benchmark")
     for bench in ev.benchmarks:
-        _choice(issues, "eval.benchmarks[]", bench, BENCHMARKS)
+        _choice(issues, "eval.benchmarks[]", bench, ("synthetic", *HUB_BENCHMARKS))
+    if "synthetic" in ev.benchmarks and cfg.data.source != "synthetic":
+        issues.append("eval.benchmarks contains 'synthetic', the embedded task's held-out split, but "
+                      f"data.source={cfg.data.source!r}: evaluate on aime24, math500, ... instead")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -56,7 +56,8 @@ def test_figure_tradeoff(df):
     assert ax.get_xscale() == "log" and len(ax.containers) == 3
     notes = "\n".join(t.get_text() for t in ax.texts)
     assert "1 run failed, not shown: broken" in notes
-    assert "1 grid point of the sweep without a result: job 7: trunc=0.25 sections=ans" in notes
+    assert ("1 grid point of the sweep without a finished run: job 7: trunc=0.25 sections=ans"
+            in notes)
 
 
 def test_figure_sections(df):
@@ -67,7 +68,7 @@ def test_figure_sections(df):
     heights = [bar.get_height() for bar in ax.patches]
     # At trunc=1.0 preset p scores 0.6 + 0.1 p + 0.03 (mean of seeds 1, 2).
     np.testing.assert_allclose(heights, [0.73, 0.83, 0.63])
-    assert "without a result" in _footnotes(fig) and "broken" in _footnotes(fig)
+    assert "without a finished run" in _footnotes(fig) and "broken" in _footnotes(fig)
     half = figure_sections(df, trunc=0.5)
     np.testing.assert_allclose([b.get_height() for b in half.axes[1].patches],
                                [0.58, 0.68, 0.48])
@@ -87,7 +88,7 @@ def test_figure_truncation(df):
     assert memory.lines[0].get_ydata() == pytest.approx([2e8 * 1.25 / 2**20, 2e8 * 1.5 / 2**20,
                                                          2e8 * 2 / 2**20])
     assert "MiB" in memory.get_ylabel() and "FLOPs" in flops.get_ylabel()
-    assert "time" in time_ax.get_ylabel() and "without a result" in _footnotes(fig)
+    assert "time" in time_ax.get_ylabel() and "without a finished run" in _footnotes(fig)
     other = figure_truncation(df, retained_average="mean_of_ratios")
     assert other.axes[1].lines[0].get_ydata()[0] == pytest.approx(
         100 * (0.505 / 0.73 + 0.405 / 0.63) / 2)
@@ -189,13 +190,28 @@ def test_example_from_a_real_tokenized_sequence(tmp_path):
     config = record("r", "cot_ans", 0.25)["config"]
     config["data"] = {"source": "synthetic", "seed": 7, "min_steps": 2, "max_steps": 12,
                       "max_tokens": 4096}
-    (run_dir / "result.json").write_text(json.dumps({"config": config}))
+    (run_dir / "result.json").write_text(json.dumps({"run_id": "r", "config": config}))
+    tokenizer.save_pretrained(run_dir / "checkpoint")  # the run's own tokenizer is used
     from_run = example_from_run(run_dir)
     assert from_run.tokens == example.tokens and from_run.window[1] == len(example.tokens) // 4
+    assert from_run.origin.startswith("run r: first training problem") and "seed 7" in \
+        from_run.origin
     config["data"]["source"] = "json"
     (run_dir / "result.json").write_text(json.dumps({"config": config}))
     with pytest.raises(ValueError, match="synthetic"):
         example_from_run(run_dir)
+
+
+def test_example_refuses_a_task_its_tokenizer_does_not_know(monkeypatch):
+    """A run's saved tokenizer that meets unknown words: the task changed since the run."""
+    import kd_sweeps.synthetic
+    from analysis.example import example_from_config
+
+    record = dict(kd_sweeps.synthetic.make_split(1, 0)[0])
+    record["problem"] = "Zyzzyva " + record["problem"]
+    monkeypatch.setattr(kd_sweeps.synthetic, "make_split", lambda *args: [record])
+    with pytest.raises(ValueError, match="1 tokens .* unknown .* task changed"):
+        example_from_config(seed=0)
 
 
 def test_first_record_is_the_runs_first_training_example():

@@ -112,7 +112,8 @@ def _multirun(path: Path, task: list[str], params: dict | None = None, sweep="s"
                          "max_batch_size": None, "params": params},
              "overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": task}}
     path.mkdir(parents=True, exist_ok=True)
-    (path / "multirun.yaml").write_text(json.dumps({"hydra": hydra, "sweep": sweep}))  # JSON is YAML
+    # JSON is valid YAML.
+    (path / "multirun.yaml").write_text(json.dumps({"hydra": hydra, "sweep": sweep}))
     return path
 
 
@@ -154,3 +155,12 @@ def test_sweep_dirs(tmp_path, hydra_sweep):
     _multirun(tmp_path / "b" / "2026-01-02", ["trunc=1"])
     assert [p.parent.name for p in sweep_dirs(tmp_path)] == ["a", "b"]
     assert sweep_dirs(hydra_sweep) == [hydra_sweep]
+
+
+def test_another_launch_of_the_sweep_fills_no_point(hydra_sweep):
+    """A run of the same sweep from another dir (same values) does not stand for a point
+    of this one, whose result.json files say which runs are its own."""
+    own = [json.loads(p.read_text()) for p in hydra_sweep.glob("*/result.json")]
+    elsewhere = record("later", "cot", 0.25)  # the very point missing here
+    assert missing_points(runs_frame(own + [elsewhere]), hydra_sweep) == [
+        {"trunc": 0.25, "sections": "cot", "sweep": "demo"}]

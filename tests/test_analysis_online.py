@@ -119,6 +119,17 @@ def test_gives_up_after_max_retries():
     assert waits == [2.0, 4.0, 8.0]
 
 
+def test_asks_for_full_runs_where_the_api_can_be_lazy():
+    """wandb's runs(lazy=True) would fetch each run's config and summary separately."""
+    class LazyApi(FakeApi):
+        def runs(self, path, filters=None, order="+created_at", per_page=50, lazy=True):
+            self.lazy = lazy
+            return super().runs(path, filters=filters, per_page=per_page)
+
+    api = LazyApi(fake_runs())
+    assert len(load_online("p/q", api=api)) == len(RECORDS) and api.lazy is False
+
+
 def test_other_errors_are_not_retried():
     waits = []
     api = FakeApi(fake_runs(), fail_at=[1], error=lambda: FakeHTTPError(403))

@@ -142,3 +142,17 @@ def test_preset_order_is_the_projects():
 
     assert PRESET_ORDER == tuple(SECTION_PRESETS)
     np.testing.assert_equal(len(PRESET_ORDER), 6)
+
+
+def test_per_problem_scores_give_a_bootstrap_over_problems():
+    rec = record("p", "cot", 1.0, 0.75)
+    rec["summary"]["eval/synthetic/per_problem"] = [1, 0, 1, 1]
+    df = runs_frame([rec, record("q", "cot", 0.5, 0.5)])
+    assert list(df.columns[-5:]) == ["acc_synthetic", "stderr_synthetic", "n_synthetic",
+                                     "gen_tokens_synthetic", "per_problem_synthetic"]
+    assert df.set_index("run_id").at["p", "per_problem_synthetic"] == [1.0, 0.0, 1.0, 1.0]
+    points = grid_points(df).set_index("trunc")
+    assert points.at[1.0, "interval"] == "bootstrap over 4 problems"
+    assert (points.at[1.0, "ci_low"], points.at[1.0, "ci_high"]) == stats.bootstrap_ci(
+        [1, 0, 1, 1], seed=0)
+    assert points.at[0.5, "interval"] == "normal, from eval stderr"  # recorded none

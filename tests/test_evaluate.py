@@ -13,12 +13,16 @@ from kd_sweeps.tokenizer import build_tokenizer
 
 
 @pytest.mark.parametrize("pred, gold, expected", [
-    ("7", "7", True), (" 7 ", "7", True), ("8", "7", False), (None, "7", False),
+    ("7", "7", True), (" 7 ", "7", True), ("8", "7", False),
     ("0.5", "\\frac{1}{2}", True), ("1/2", "0.5", True), ("\\frac{2}{4}", "\\frac12", True),
     ("2", "3", False),
 ])
 def test_answers_match(pred, gold, expected):
-    assert evaluate.answers_match(pred, gold) is expected
+    assert evaluate.answers_match(f"<think>x</think> so \\boxed{{{pred}}}.", gold) is expected
+
+
+def test_no_boxed_answer_is_wrong():
+    assert evaluate.answers_match("<think>7</think> I do not know", "7") is False
 
 
 def test_mean_stderr_by_hand():

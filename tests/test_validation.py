@@ -48,7 +48,9 @@ def test_trunc_outside_unit_interval(value):
         (["logger.mode=sometimes"], "logger.mode='sometimes': must be one of offline, online, disabled"),
         (["model.teacher.hidden=130"], "model.teacher.hidden=130: must be divisible by model.teacher.heads=4"),
         (["model.student.source=hub"], "model.student.source='hub': must be one of embedded, pretrained"),
-        (["data.source=json"], "data.path='': a json source needs a hub id or a local path"),
+        (["data.source=json"], "data.path='': a json source needs a local file or folder"),
+        (["data.source=hub", "data.name=mydata"], "data.name='mydata' with data.path='': name a dataset"),
+        (["data.source=hub", "data.name=skyt1"], "eval.benchmarks contains 'synthetic'"),
         (["data.max_steps=20"], "data.min_steps/max_steps=2/20: need 1 <= min <= max <= 12"),
     ],
 )

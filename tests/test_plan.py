@@ -1,0 +1,244 @@
+"""The plan: Hydra's multirun expansion and composition, problems per point, token and FLOPs counts
+against the data pipeline and the training loop's own cost meter, Qwen3 shapes against their sizes."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from kd_sweeps import plan as planner
+from tests.conftest import CONF
+
+SMALL = ["data.n_train=500"]  # encoding 500 sequences instead of 4,000 keeps each plan under a second
+
+
+def _hydra_multirun(overrides, sweep_dir, monkeypatch, conf=CONF, config_name="config"):
+    """(overrides, job config) of every job a real ``launch.py -m <overrides>`` would run."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from kd_sweeps.callbacks import SweepSummary
+    from kd_sweeps.schema import register_configs
+
+    monkeypatch.setattr(SweepSummary, "on_multirun_end", lambda self, config, **kwargs: None)
+    register_configs()
+    jobs = []
+
+    def record(cfg):
+        jobs.append((list(HydraConfig.get().overrides.task), OmegaConf.to_container(cfg)))
+
+    GlobalHydra.instance().clear()
+    try:
+        hydra = Hydra.create_main_hydra2(task_name="launch", config_search_path=create_config_search_path(str(conf)))
+        hydra.multirun(config_name=config_name, task_function=record,
+                       overrides=[*overrides, f"hydra.sweep.dir={sweep_dir}"], with_log_configuration=False)
+    finally:
+        GlobalHydra.instance().clear()
+    return jobs
+
+
+def test_grid_and_configs_equal_hydras_multirun(tmp_path, monkeypatch):
+    grid = ["trunc=range(0.5,1.0,0.5)", "sections=custom", "sections.include=[P],[CoT,A]",
+            "loss=glob(skew*)", "loss.temperature=choice(1,2)"]
+    jobs = _hydra_multirun(grid, tmp_path / "sweep", monkeypatch)
+    composer = planner.GridComposer(grid)
+    points = composer.points()
+    assert len(jobs) == 8
+    assert points == [overrides for overrides, _ in jobs]
+    for point, (_, job_config) in zip(points, jobs):
+        assert OmegaConf.to_container(composer.compose(point)) == job_config, point
+    # The in-place path used for speed leaves nothing behind between points.
+    for point, (_, job_config) in zip(reversed(points), reversed(jobs)):
+        with composer.composed(point) as cfg:
+            assert OmegaConf.to_container(cfg) == job_config, point
+
+
+def test_sweeper_params_in_a_config_are_part_of_the_grid(tmp_path, monkeypatch):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "grid.yaml").write_text("defaults:\n  - config\n  - _self_\n"
+                                    "hydra:\n  sweeper:\n    params:\n      trunc: 0.5,1.0\n")
+    jobs = _hydra_multirun(["seed=1,2"], tmp_path / "sweep", monkeypatch, conf, "grid")
+    points = planner.GridComposer(["seed=1,2"], "grid", conf).points()
+    assert points == [overrides for overrides, _ in jobs]
+    assert points == [["trunc=0.5", "seed=1"], ["trunc=0.5", "seed=2"], ["trunc=1.0", "seed=1"],
+                      ["trunc=1.0", "seed=2"]]
+
+
+def test_every_bad_point_is_reported_with_its_overrides():
+    result = planner.make_plan(["trunc=0.5,1.5", "loss.kd_ratio=0.5,2", "sections=all,nope", *SMALL])
+    bad = {p.index: p for p in result.points if p.problems}
+    assert len(result.points) == 8 and len(bad) == 7  # only trunc=0.5 kd_ratio=0.5 sections=all is fine
+    both = next(p for p in bad.values() if "trunc=1.5" in p.overrides and "loss.kd_ratio=2" in p.overrides
+                and "sections=all" in p.overrides)
+    assert any(line.startswith("trunc=1.5") for line in both.problems)
+    assert any(line.startswith("loss.kd_ratio=2") for line in both.problems)
+    missing = next(p for p in bad.values() if "sections=nope" in p.overrides)
+    assert "nope" in " ".join(missing.problems)
+    text = "\n".join(result.problems)
+    assert f"point {both.index} ({' '.join(both.overrides)}): trunc=1.5: must be in (0, 1]" in text
+    assert all(p.flops is None for p in bad.values())
+
+
+def test_a_point_without_enough_supervised_sequences_is_a_problem():
+    # The first quarter of every sequence is prompt: nothing of the answer survives.
+    result = planner.make_plan(["trunc=0.25", "sections=ans", *SMALL])
+    assert "supervised token" in result.points[0].problems[0]
+
+
+def test_the_command_line_reports_and_fails(capsys):
+    assert planner.main(["-m", "trunc=0.5,1.5", *SMALL]) == 1
+    out, err = capsys.readouterr()
+    assert "total (2 points)" in out and "nothing was launched" in out
+    assert "point 1 (trunc=1.5 data.n_train=500): trunc=1.5: must be in (0, 1]" in err
+    assert planner.main(["no_such_key=1"]) == 2
+
+
+@pytest.fixture(scope="module")
+def half_and_full():
+    return planner.make_plan(["trunc=0.5,1.0", *SMALL])
+
+
+def test_half_the_sequence_costs_about_half(half_and_full):
+    half, full = half_and_full.points
+    assert not half.problems and not full.problems
+    assert 0.45 < half.tokens / full.tokens <= 0.5  # floor(L / 2) per sequence
+    # Attention grows with T^2, so half the tokens cost a little less than half the FLOPs.
+    assert 0.42 < half.flops / full.flops < half.tokens / full.tokens
+    assert half.peak_memory < full.peak_memory
+
+
+def test_totals_add_up(half_and_full, capsys):
+    points = half_and_full.points
+    assert half_and_full.total("flops") == sum(p.flops for p in points)
+    assert half_and_full.total("tokens") == sum(p.tokens for p in points)
+    text = planner.format_plan(half_and_full)
+    total_row = next(line for line in text.splitlines() if "total (2 points)" in line)
+    assert f"{sum(p.flops for p in points):.3g}" in total_row
+    assert len([line for line in text.splitlines() if line.lstrip()[:1].isdigit()]) == 2
+
+
+@pytest.mark.parametrize("mode,cut", [("lead", False), ("middle", False), ("right", True),
+                                      ("random_labels", False), ("lead", True)])
+@pytest.mark.parametrize("sections", [("P", "CoT", "A"), ("CoT",), ("A",), ("P", "A")])
+def test_token_counts_equal_the_data_pipeline(mode, cut, sections, encoded):
+    from kd_sweeps import data
+
+    seqs, encoded_list = encoded
+    for trunc in (0.3, 0.75, 1.0):
+        lengths, supervised = planner.point_tokens(seqs, trunc, mode, sections, cut)
+        examples, skipped = data.training_examples(encoded_list, sections, trunc, mode, cut, seed=7)
+        assert skipped == int((supervised == 0).sum())
+        assert [len(e.input_ids) for e in examples] == lengths[supervised > 0].tolist()
+        assert [e.n_supervised for e in examples] == supervised[supervised > 0].tolist()
+
+
+@pytest.fixture(scope="module")
+def encoded():
+    from kd_sweeps import data
+    from kd_sweeps.tokenizer import build_tokenizer
+
+    data_cfg = OmegaConf.create({"source": "synthetic", "n_train": 120, "n_test": 10, "min_steps": 2,
+                                 "max_steps": 12, "seed": 3, "max_tokens": 4096})
+    encoded_list, _ = data.encode(data.load_records(data_cfg, "train"), build_tokenizer(), 4096)
+    return planner.encoded_sequences(data_cfg, build_tokenizer()), encoded_list
+
+
+def test_flops_and_tokens_match_a_replay_of_the_training_loop():
+    """Replay the run's batch sampler through its CostMeter: padding included, the plan is close."""
+    from kd_sweeps import data
+    from kd_sweeps.cost import CostMeter, ModelShape
+    from kd_sweeps.models import qwen3_config, spec_dict
+    from kd_sweeps.tokenizer import build_tokenizer
+    from tests.conftest import compose_config
+
+    overrides = ["trunc=0.6", "sections=cot_ans", "train.grad_accum=2", *SMALL]
+    predicted = planner.make_plan(overrides).points[0]
+    cfg = compose_config(overrides)
+    tokenizer = build_tokenizer()
+    encoded_list, _ = data.encode(data.load_records(cfg.data, "train"), tokenizer, cfg.data.max_tokens)
+    examples, _ = data.training_examples(encoded_list, cfg.sections.include, cfg.trunc, cfg.truncation.mode,
+                                         cfg.truncation.cut_after_think, cfg.seed)
+    student, teacher = (ModelShape.from_config(qwen3_config(spec_dict(cfg.model[r]), tokenizer))
+                        for r in ("student", "teacher"))
+    meter = CostMeter(student, teacher)
+    batches = data.length_grouped_batches([len(e.input_ids) for e in examples], cfg.train.batch_size, cfg.seed)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    for _ in range(cfg.train.max_steps):
+        chosen = [examples[i] for i in next(batches)]
+        for start in range(0, len(chosen), micro):
+            lengths = [len(e.input_ids) for e in chosen[start:start + micro]]
+            meter.add_step((len(lengths), max(lengths)), lengths, 0)
+    assert predicted.tokens == pytest.approx(meter.tokens_trained, rel=0.03)
+    # The run also pays for padding (length-grouped batches keep it small) and draws its own sample.
+    assert predicted.flops == pytest.approx(meter.flops_total, rel=0.05)
+
+
+@pytest.mark.parametrize("name,total,non_embedding", [
+    ("Qwen/Qwen3-0.6B-Base", 0.6e9, 0.44e9), ("Qwen/Qwen3-1.7B", 1.7e9, 1.4e9),
+    ("Qwen/Qwen3-4B-Base", 4.0e9, 3.6e9), ("Qwen/Qwen3-8B", 8.2e9, 6.95e9), ("Qwen/Qwen3-8B-Base", 8.2e9, 6.95e9),
+    ("Qwen/Qwen3-32B", 32.8e9, 31.2e9)])
+def test_qwen3_shapes_give_the_published_parameter_counts(name, total, non_embedding):
+    shape = planner.pretrained_shape(name)
+    assert shape.vocab == 151_936
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
+    assert planner.parameter_count(shape) == pytest.approx(total, rel=0.03)
+    assert planner.parameter_count(shape) - embeddings == pytest.approx(non_embedding, rel=0.03)
+
+
+def test_a_pretrained_pair_is_planned_from_the_table_and_estimated_lengths(tmp_path):
+    import json
+
+    local = tmp_path / "my-student"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 36, "hidden_size": 2560, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "intermediate_size": 9728, "vocab_size": 151936, "tie_word_embeddings": True}))
+    pair = ["model.teacher.source=pretrained", "model.teacher.name_or_path=Qwen/Qwen3-8B",
+            "model.student.source=pretrained", "trunc=0.5,1.0", *SMALL]
+    by_name = planner.make_plan([*pair, "model.student.name_or_path=Qwen/Qwen3-4B-Base"])
+    by_path = planner.make_plan([*pair, f"model.student.name_or_path={local}"])
+    assert not by_name.problems and not by_name.points[0].exact_tokens
+    assert [p.flops for p in by_name.points] == [p.flops for p in by_path.points]
+    # bf16 weights: 8 bytes per student parameter for weights, grads and AdamW, 2 per teacher one.
+    assert by_name.points[1].peak_memory > 8 * 4.0e9 + 2 * 8.2e9
+    assert "~ token counts estimated" in planner.format_plan(by_name)
+
+
+def test_unknown_model_and_mismatched_vocabularies_are_problems():
+    result = planner.make_plan(["model.student.source=pretrained", "model.student.name_or_path=org/mystery",
+                                "trunc=1.0", *SMALL])
+    assert "no shape known" in result.problems[0]
+    mixed = planner.make_plan(["model.teacher.source=pretrained", "model.teacher.name_or_path=Qwen/Qwen3-8B",
+                               *SMALL])
+    assert "vocabulary" in mixed.problems[0]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_equals_a_real_qwen3_model(tied):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from kd_sweeps.cost import ModelShape
+
+    config = Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=tied)
+    model = Qwen3ForCausalLM(config)
+    assert planner.parameter_count(ModelShape.from_config(config)) == sum(p.numel() for p in model.parameters())
+
+
+def test_assumed_lengths_stand_in_for_data_that_cannot_be_read(tmp_path, capsys):
+    grid = ["model.student.source=pretrained", "model.student.name_or_path=Qwen/Qwen3-1.7B-Base",
+            "model.teacher.source=pretrained", "model.teacher.name_or_path=Qwen/Qwen3-8B", "eval=math",
+            "data.name=local", "data.source=json", f"data.path={tmp_path / 'absent.jsonl'}", "trunc=0.5,1.0"]
+    unread = planner.make_plan(grid)
+    assert all("training data" in p.problems[0] for p in unread.points)
+    half, full = planner.make_plan(grid, assumed_lengths=(100, 1000, 100)).points
+    assert not half.problems and not full.problems and not full.exact_tokens
+    sequences = 150 * 32  # train=tiny: max_steps x batch_size
+    assert (half.tokens, full.tokens) == (sequences * 600, sequences * 1200)
+    assert planner.main([*grid, "--lengths", "100,1000,100"]) == 0
+    assert "~ token counts estimated" in capsys.readouterr().out
