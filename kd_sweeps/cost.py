@@ -151,9 +151,12 @@ class CostMeter:
     real, supervised and padding tokens apart.
     """
 
-    def __init__(self, student: ModelShape, teacher: ModelShape | None) -> None:
+    def __init__(self, student: ModelShape, teacher: ModelShape | None, head_on_supervised_only: bool = False) -> None:
         self.student = student
         self.teacher = teacher
+        # The chunked loss runs both output layers on the supervised positions only: the head's
+        # 2 * V * H FLOPs per position are then counted for those positions, not for every token.
+        self.head_on_supervised_only = head_on_supervised_only
         self.flops_student = 0
         self.flops_teacher = 0
         self.tokens_trained = 0  # real (non-padding) tokens fed to the student
@@ -182,6 +185,11 @@ class CostMeter:
         if not 0 <= n_supervised <= n_real:
             raise ValueError(f"n_supervised={n_supervised} must be in [0, {n_real}] (real tokens)")
         step = kd_step_flops(self.student, self.teacher, [t_max] * n_seqs)
+        if self.head_on_supervised_only:
+            skipped = n_seqs * t_max - int(n_supervised)  # positions whose logits are never built
+            step["student"] -= 3 * 2 * self.student.vocab * self.student.hidden * skipped
+            if self.teacher is not None:
+                step["teacher"] -= 2 * self.teacher.vocab * self.teacher.hidden * skipped
         self.flops_student += step["student"]
         self.flops_teacher += step["teacher"]
         self.tokens_trained += n_real

@@ -27,7 +27,7 @@ def run_point(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
     os.environ.setdefault("WANDB_SILENT", "true")
-    from kd_sweeps import run
+    from kd_sweeps import distributed, run
 
     try:
         return run.main(cfg, overrides)
@@ -35,7 +35,8 @@ def run_point(cfg: DictConfig) -> dict:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
         log.exception("grid point %s failed", " ".join(overrides))
-        if not (output_dir / RESULT_FILE).exists():  # failed before its record was opened
+        # Failed before its record was opened; in a multi-process job only rank 0 writes the record.
+        if not (output_dir / RESULT_FILE).exists() and distributed.process_rank() == 0:
             write_json_atomic(output_dir / RESULT_FILE, {
                 "run_id": None, "sweep": cfg.sweep, "status": "failed",
                 "error": f"{type(err).__name__}: {err}", "overrides": overrides, "config": None,

@@ -116,7 +116,7 @@ def _prepare(model, spec: dict, role: str, tokenizer, device) -> dict:
     examples, _ = data.training_examples(encoded, ("P", "CoT", "A"), 1.0, "lead", False, seed)
     settings = train.LoopSettings(max_steps=spec["prep_steps"], batch_size=spec["prep_batch_size"],
                                   lr=spec["prep_lr"], weight_decay=0.01, warmup_ratio=0.05,
-                                  precision="bf16" if device.type == "cpu" else "bf16", seed=seed)
+                                  precision=spec.get("prep_precision", "bf16"), seed=seed)
     if spec["prep_steps"] > 0:
         train.train_loop(model, None, examples, tokenizer.pad_token_id, settings, train.LossSettings(kd_ratio=0.0),
                          device, desc=f"prepare {role}")

@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps import data, evaluate, identity, models, train
-from kd_sweeps.checkpoint import TrainState
+from kd_sweeps import data, distributed, evaluate, identity, models, train
 from kd_sweeps.cost import CostMeter, ModelShape
 from kd_sweeps.memory import PeakMemory
 from kd_sweeps.tracking import RESULT_FILE, Tracker, mark_skipped, read_result
@@ -22,18 +21,12 @@ from kd_sweeps.validation import validate
 log = logging.getLogger(__name__)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def loop_settings(cfg: DictConfig) -> train.LoopSettings:
     t = cfg.train
     return train.LoopSettings(max_steps=t.max_steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
                               lr=t.lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
                               grad_clip=t.grad_clip, precision=t.precision, log_every=t.log_every,
-                              seed=cfg.seed)
+                              seed=cfg.seed, loss_impl=t.loss_impl)
 
 
 def loss_settings(cfg: DictConfig) -> train.LossSettings:
@@ -47,21 +40,50 @@ def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     point_id = identity.run_id(resolved)
     output_dir = Path(cfg.output_dir)
-    done = read_result(output_dir)
-    if done and done.get("status") == "ok" and done.get("run_id") == point_id and not cfg.force:
-        log.info("run %s is done (%s); skipped (force=true reruns it)", point_id, output_dir / RESULT_FILE)
-        mark_skipped(output_dir, done)
-        return done["summary"]
-    with Tracker(output_dir, point_id, cfg.sweep, resolved, cfg.logger, overrides) as tracker:
-        summary = _train_and_evaluate(cfg, tracker, output_dir)
-        tracker.set_summary(summary)
-    return summary
+    env = distributed.init_distributed(cfg.train.device)  # one process, or one rank of torchrun / submitit tasks
+    try:
+        distributed.micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, env)  # fails before any load
+        done = read_result(output_dir)
+        distributed.barrier(env)  # every rank has read the record before rank 0 rewrites it
+        if done and done.get("status") == "ok" and done.get("run_id") == point_id and not cfg.force:
+            log.info("run %s is done (%s); skipped (force=true reruns it)", point_id, output_dir / RESULT_FILE)
+            if env.is_main:
+                mark_skipped(output_dir, done)
+            return done["summary"]
+        # Rank 0 alone keeps the record (result.json, W&B); the other ranks train and evaluate nothing.
+        record = Tracker(output_dir, point_id, cfg.sweep, resolved, cfg.logger, overrides) if env.is_main \
+            else _Unrecorded(point_id)
+        with record as tracker:
+            summary = _train_and_evaluate(cfg, tracker, output_dir, env)
+            tracker.set_summary(summary)
+        return summary
+    finally:
+        distributed.destroy(env)
 
 
-def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> dict:
+class _Unrecorded:
+    """A rank other than 0's stand-in for the Tracker: it records nothing."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def __enter__(self) -> "_Unrecorded":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        pass
+
+    def set_summary(self, summary: dict) -> None:
+        pass
+
+
+def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env: distributed.DistEnv) -> dict:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    device = pick_device(cfg.train.device)
+    device = env.device
     torch.manual_seed(cfg.seed)
     cache_dir = Path(cfg.cache_dir).expanduser()
     tokenizer = models.load_tokenizer(cfg, cache_dir)
@@ -76,41 +98,58 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> 
     # Evaluation problems are loaded now: a missing benchmark file fails before any training.
     eval_sets = {bench: data.load_records(cfg.data, "test")[: cfg.eval.n_problems] if bench == "synthetic"
                  else evaluate.benchmark_records(bench, cfg.eval) for bench in cfg.eval.benchmarks}
+    # Embedded models are prepared once and cached; with a process group transformers writes files on
+    # rank 0 only, so rank 0 prepares them while the others wait, then they load the cached copies.
+    main_first = env.distributed and "embedded" in (cfg.model.teacher.source, cfg.model.student.source)
+    if main_first and not env.is_main:
+        distributed.barrier(env)
     teacher, student = models.load_pair(cfg, tokenizer, device)
-    meter = CostMeter(ModelShape.from_config(student.model.config), ModelShape.from_config(teacher.model.config))
+    if main_first and env.is_main:
+        distributed.barrier(env)
+    if cfg.train.activation_checkpointing:  # each layer's activations are recomputed in backward
+        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student_model = distributed.shard_student(student.model, env)  # the model itself for one process
+    teacher_model = distributed.place_teacher(teacher.model, env, cfg.train.teacher_parallel)
+    meter = CostMeter(ModelShape.from_config(student.model.config), ModelShape.from_config(teacher.model.config),
+                      head_on_supervised_only=cfg.train.loss_impl == "chunked")
 
     counters = {"train_time_s": 0.0}  # wall time of finished steps, carried across a resume
     meter_fields = ("flops_student", "flops_teacher", "tokens_trained", "tokens_supervised", "tokens_padded")
 
-    def on_step(step: int, metrics: dict, lengths: list[int], shapes: list[tuple]) -> None:
-        start = 0
-        for batch_shape in shapes:
-            real = lengths[start:start + batch_shape[0]]
-            start += batch_shape[0]
-            meter.add_step(batch_shape, real, 0)
-        meter.tokens_supervised += metrics["supervised_tokens"]
+    def on_step(step: int, metrics: dict, micro_batches: list[dict]) -> None:
+        for micro in micro_batches:
+            meter.add_step(micro["shape"], micro["lengths"], micro["supervised"])
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps - 1:
             tracker.log_step(step, metrics)
 
-    def get_extra() -> dict:
+    def get_extra() -> dict:  # every rank calls it at the same step: the state is saved collectively
         elapsed = counters["train_time_s"] + time.perf_counter() - started
-        return {"train_time_s": elapsed, **{k: getattr(meter, k) for k in meter_fields}}
+        totals = distributed.all_reduce_sum([getattr(meter, k) for k in meter_fields], env)  # all ranks'
+        return {"train_time_s": elapsed, **dict(zip(meter_fields, totals))}
 
     def set_extra(extra: dict) -> None:
         counters["train_time_s"] = extra["train_time_s"]
-        for key in meter_fields:
-            setattr(meter, key, extra[key])
+        for key in meter_fields:  # saved totals are all ranks': rank 0 carries them, the others restart at 0
+            setattr(meter, key, extra[key] if env.is_main else 0)
 
-    resume = train.Resume(TrainState(output_dir / "train_state"), cfg.train.checkpoint_every, get_extra, set_extra)
+    resume = train.Resume(distributed.train_state(output_dir / "train_state", env), cfg.train.checkpoint_every,
+                          get_extra, set_extra)
     with PeakMemory(device) as memory:
         started = time.perf_counter()
-        last = train.train_loop(student.model, teacher.model, examples, tokenizer.pad_token_id,
+        last = train.train_loop(student_model, teacher_model, examples, tokenizer.pad_token_id,
                                 loop_settings(cfg), loss_settings(cfg), device, on_step,
-                                desc=f"trunc={cfg.trunc} {cfg.sections.name}", resume=resume)
+                                desc=f"trunc={cfg.trunc} {cfg.sections.name}", resume=resume, dist=env)
         train_time = counters["train_time_s"] + time.perf_counter() - started
-    student.model.save_pretrained(output_dir / "checkpoint")
+    # Each rank metered its own micro-batches: the run's cost is their sum; memory, the busiest rank's.
+    for key, total in zip(meter_fields, distributed.all_reduce_sum([getattr(meter, k) for k in meter_fields], env)):
+        setattr(meter, key, total)
+    peak_memory = max(distributed.all_gather(memory.peak_bytes, env))
+    final = distributed.gathered_model(student_model, env)  # collective: the full student on rank 0 only
+    if not env.is_main:
+        return {}
+    final.save_pretrained(output_dir / "checkpoint")
     tokenizer.save_pretrained(output_dir / "checkpoint")
-    summary = {**meter.summary(), "train_time_s": train_time, "peak_memory_bytes": memory.peak_bytes,
+    summary = {**meter.summary(), "train_time_s": train_time, "peak_memory_bytes": peak_memory,
                "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"),
                "final_kd_loss": last.get("kd_loss"), "examples_trained_on": len(examples),
                "examples_skipped": skipped, "examples_too_long": stats.too_long,
@@ -119,7 +158,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> 
     summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
     accuracies, stderrs = [], []
     for bench in cfg.eval.benchmarks:
-        result = evaluate.evaluate(student.model, tokenizer, eval_sets[bench], cfg.eval, device)
+        result = evaluate.evaluate(final, tokenizer, eval_sets[bench], cfg.eval, device)
         summary.update({f"eval/{bench}/accuracy": result.accuracy, f"eval/{bench}/stderr": result.stderr,
                         f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens,
                         f"eval/{bench}/per_problem": result.per_problem})

@@ -28,6 +28,7 @@ class ModelSpec:
     prep_max_steps: int = 12
     prep_examples: int = 20000
     prep_eval_problems: int = 200  # held-out problems (2..12 steps) its accuracy is reported on
+    prep_precision: str = "bf16"  # bf16 autocast | fp32
 
 
 @dataclass
@@ -92,6 +93,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # save the exact training state every N steps (0: only on preemption)
     device: str = "auto"  # auto | cpu | cuda
+    loss_impl: str = "chunked"  # chunked (output layers on supervised positions only) | full
+    activation_checkpointing: bool = False  # recompute each layer in backward: ~1/3 more compute, far less memory
+    teacher_parallel: str = "replicate"  # several processes: full teacher per rank | shard (FSDP2, less memory)
 
 
 @dataclass

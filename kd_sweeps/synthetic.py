@@ -1,11 +1,12 @@
-"""The embedded task: repeated addition or subtraction, with a real prompt / chain of thought / answer.
+"""The embedded task: repeated addition or subtraction on a 0-9 dial, with a real prompt / chain of
+thought / answer.
 
-A problem is a start value, a step (``add 7`` or ``subtract 3``) and a count (2..12). The chain of
-thought restates the problem, then works one numbered line per repetition (``3: 18+7=25``) and
-states the result; the answer repeats it in ``\\boxed{}``. Every line reads the previous line's
-value, the step and the count, so the work is real multi-step arithmetic with two-digit carries and
-borrows, yet each line only needs nearby or unique tokens — learnable by a sub-million-parameter
-model on a CPU in a minute or two. Sequence lengths vary about 2x between 2 and 12 repetitions, so
+A problem is a start digit, a step (``add 7`` or ``subtract 3``) and a count (2..12), all modulo
+10. The chain of thought restates the problem, then works one numbered line per
+repetition (``3: 8+7=5``) and states the result; the answer repeats it in ``\\boxed{}``. Each
+line reads the previous line's digit, the step and (to know when to stop) the count, so the answer
+needs every step, yet each line only needs nearby or unique tokens: a sub-million-parameter model
+learns it on a CPU in minutes. Sequence lengths vary about 2x between 2 and 12 repetitions, so
 truncation cuts different sections of different examples, as it does on real reasoning traces.
 """
 
@@ -15,8 +16,8 @@ import random
 import re
 from dataclasses import dataclass
 
-MAX_VALUE = 99  # running values stay in [0, 99]
-MAX_STEP = 7  # the step is 1..7, so 9 + 12 * 7 = 93 still fits
+MODULUS = 10  # a 0-9 dial: one-digit values, one-token arithmetic
+MAX_STEP = 9
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
@@ -29,7 +30,7 @@ class Problem:
     @property
     def values(self) -> list[int]:
         """Running value after each repetition (len == count)."""
-        return [self.start + self.step * (k + 1) for k in range(self.count)]
+        return [(self.start + self.step * (k + 1)) % MODULUS for k in range(self.count)]
 
     @property
     def answer(self) -> int:
@@ -37,17 +38,15 @@ class Problem:
 
 
 def sample_problem(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
-    """Draw one problem whose running values all stay in [0, MAX_VALUE]."""
+    """Draw one problem: start digit, signed step, count."""
     count = rng.randint(min_steps, max_steps)
     size = rng.randint(1, MAX_STEP)
-    if rng.random() < 0.5:
-        return Problem(rng.randint(0, 9), size, count)
-    return Problem(rng.randint(size * count, MAX_VALUE), -size, count)
+    return Problem(rng.randint(0, MODULUS - 1), size if rng.random() < 0.5 else -size, count)
 
 
 def _instruction(problem: Problem) -> str:
     verb = "add" if problem.step > 0 else "subtract"
-    return f"Start at {problem.start} and {verb} {abs(problem.step)}, {problem.count} times"
+    return f"Start at {problem.start} and {verb} {abs(problem.step)} modulo 10, {problem.count} times"
 
 
 def prompt_text(problem: Problem) -> str:
@@ -88,5 +87,5 @@ def corpus_text() -> str:
     rng = random.Random(0)
     texts = [prompt_text(p) + reasoning_text(p) for p in (sample_problem(rng, 12, 12) for _ in range(50))]
     signed = " ".join(f"{op}{d}" for op in "+-" for d in range(10))
-    texts.append(f"user assistant system add subtract 0123456789 {signed} +-=:.,?{{}}\\\n")
+    texts.append(f"user assistant system add subtract modulo 0123456789 {signed} +-=:.,?{{}}\\\n")
     return "\n".join(texts)

@@ -16,8 +16,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from kd_sweeps import distributed
 from kd_sweeps.checkpoint import PreemptionGuard, TrainState
+from kd_sweeps.chunked_loss import chunked_kd_ce, supervised_positions
 from kd_sweeps.data import IGNORE_INDEX, TrainExample, collate, length_grouped_batches
+from kd_sweeps.distributed import DistEnv, hidden_and_head  # also works on an FSDP-sharded model
 from kd_sweeps.losses import ce_loss, kd_loss
 
 
@@ -33,6 +36,7 @@ class LoopSettings:
     precision: str = "bf16"
     log_every: int = 10
     seed: int = 0
+    loss_impl: str = "chunked"  # chunked | full (see step_losses)
 
 
 @dataclass
@@ -55,25 +59,44 @@ def warmup_cosine(step: int, total: int, warmup_ratio: float) -> float:
 
 
 def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: LossSettings,
-                autocast: bool) -> tuple[torch.Tensor, float, float]:
+                autocast: bool, impl: str = "chunked") -> tuple[torch.Tensor, float, float]:
     """Loss of one micro-batch, scaled so that summing over the step's micro-batches gives the
-    step's mean. Returns (scaled total, ce mean, kd mean) with the means for logging."""
+    step's mean. Returns (scaled total, ce mean, kd mean) with the means for logging.
+
+    ``chunked`` (default) runs the output layers on supervised positions only, a chunk at a time
+    (kd_sweeps/chunked_loss.py); ``full`` builds (B, T, V) logits for both models — the plain
+    reference the chunked path is tested against."""
+    use_teacher = teacher is not None and loss.kd_ratio > 0
+    kd_ratio = loss.kd_ratio if teacher is not None else 0.0
+    device_type = batch["input_ids"].device.type
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if impl == "chunked":
+        rows, targets = supervised_positions(batch["labels"], IGNORE_INDEX)  # (N,), (N,)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            hidden, weight = hidden_and_head(student, **inputs)  # (B, T, H), (V, H)
+            teacher_hidden = teacher_weight = None
+            if use_teacher:
+                with torch.no_grad():
+                    t_hidden, teacher_weight = hidden_and_head(teacher, **inputs)
+                teacher_hidden = t_hidden.flatten(0, 1)[rows]  # (N, Ht)
+            total, ce, kd, n_here = chunked_kd_ce(
+                hidden.flatten(0, 1)[rows], teacher_hidden, weight, teacher_weight, targets,
+                name=loss.name, kd_ratio=kd_ratio if use_teacher else 0.0, temperature=loss.temperature,
+                beta=loss.beta, alpha=loss.alpha, mix=loss.mix)
+        return total * (n_here / max(1, n_step_supervised)), ce.item(), kd.item()
     targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     mask = targets != IGNORE_INDEX
     n_here = int(mask.sum())
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1]  # (B, T-1, V)
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        logits = student(**inputs).logits[:, :-1]  # (B, T-1, V)
     ce = ce_loss(logits, targets.clamp_min(0), mask)
     kd = torch.zeros((), device=logits.device)
-    if teacher is not None and loss.kd_ratio > 0:
-        with torch.no_grad(), torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16,
-                                             enabled=autocast):
-            teacher_logits = teacher(input_ids=batch["input_ids"],
-                                     attention_mask=batch["attention_mask"]).logits[:, :-1]
+    if use_teacher:
+        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            teacher_logits = teacher(**inputs).logits[:, :-1]
         kd = kd_loss(logits, teacher_logits, mask, loss.name, loss.temperature, loss.beta,
                      loss.alpha, loss.mix)
-    total = (1.0 - loss.kd_ratio) * ce + loss.kd_ratio * kd if teacher is not None else ce
+    total = (1.0 - kd_ratio) * ce + kd_ratio * kd
     return total * (n_here / max(1, n_step_supervised)), ce.item(), kd.item()
 
 
@@ -89,12 +112,18 @@ class Resume:
 
 def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
                settings: LoopSettings, loss: LossSettings, device: torch.device,
-               on_step: Optional[Callable[[int, dict, list, list], None]] = None,
-               desc: str = "train", resume: Optional[Resume] = None) -> dict:
-    """Train ``student`` in place. ``on_step(step, metrics, batch_lengths, micro_batch_shapes)`` is
-    called after every optimizer step (logging and cost accounting live there). With ``resume``,
+               on_step: Optional[Callable[[int, dict, list], None]] = None,
+               desc: str = "train", resume: Optional[Resume] = None,
+               dist: Optional[DistEnv] = None) -> dict:
+    """Train ``student`` in place. ``on_step(step, metrics, micro_batches)`` is called after every
+    optimizer step with, per micro-batch, its padded shape, real lengths and supervised-token count
+    (logging and cost accounting live there). With ``resume``,
     a saved state is restored first and a preemption signal saves one and stops at a step boundary.
+    With ``dist`` (several processes, student sharded by ``distributed.shard_student``) every rank
+    trains on its slice of each global batch; metrics are global, ``micro_batches`` this rank's own.
     Returns the last step's metrics."""
+    dist = dist or DistEnv()
+    distributed.micro_batch_size(settings.batch_size, settings.grad_accum, dist)  # fails before any step
     torch.manual_seed(settings.seed)
     student.train()
     if teacher is not None:
@@ -114,22 +143,26 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
                                      settings.seed)
     for _ in range(first_step):  # the batch order is a pure function of (seed, step)
         next(batches)
-    progress = _progress(settings.max_steps, desc, first_step)
+    progress = _progress(settings.max_steps, desc, first_step) if dist.is_main else None
     metrics: dict = {}
     with PreemptionGuard() as guard:
         for step in range(first_step, settings.max_steps):
             chosen = [examples[i] for i in next(batches)]
             metrics, shapes = _optimizer_step(student, teacher, chosen, pad_id, settings, loss,
-                                              optimizer, schedule, device, step, desc)
+                                              optimizer, schedule, device, step, desc, dist)
             if on_step is not None:
-                on_step(step, metrics, [len(e.input_ids) for e in chosen], shapes)
+                on_step(step, metrics, shapes)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
             done = step + 1
-            if resume is not None and (guard.requested or (resume.every and done % resume.every == 0)):
+            stop = guard.requested  # read once: a signal arriving later is seen after the next step
+            if dist.distributed:  # a signal seen by any rank stops all of them after this same step
+                stop = distributed.agreed_signal(stop, dist)
+            if resume is not None and (stop or (resume.every and done % resume.every == 0)):
                 resume.state.save(done, student, optimizer, schedule, resume.get_extra())
-            if guard.requested:
+            if stop:
+                guard.requested = stop  # a rank that saw no signal itself hands over another's
                 guard.hand_over(done)
     if progress is not None:
         progress.close()
@@ -138,26 +171,37 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
 
 
 def _optimizer_step(student, teacher, chosen, pad_id, settings, loss, optimizer, schedule, device,
-                    step, desc) -> tuple[dict, list]:
-    """One optimizer step over ``chosen`` split into grad_accum micro-batches."""
+                    step, desc, dist: DistEnv) -> tuple[dict, list]:
+    """One optimizer step over the global batch ``chosen``: this rank's slice of it, split into
+    grad_accum micro-batches. Returns the step's (global) metrics and, per micro-batch of this rank,
+    {"shape": (B, T), "lengths": [...], "supervised": n}."""
     started = time.perf_counter()
+    # The GLOBAL count normalises every rank's loss (each rank holds the whole batch's examples, so
+    # no collective is needed); FSDP then sums the ranks' gradients: the single-process gradient.
     n_supervised = sum(e.n_supervised for e in chosen)
-    micro = settings.batch_size // settings.grad_accum
+    mine = distributed.rank_slice(chosen, dist)  # batch_size / world_size sequences
+    micro = distributed.micro_batch_size(settings.batch_size, settings.grad_accum, dist)
     ce_sum = kd_sum = total_value = 0.0
     shapes = []
-    for start in range(0, len(chosen), micro):
-        part = chosen[start:start + micro]
+    for start in range(0, len(mine), micro):
+        part = mine[start:start + micro]
         batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
-        shapes.append(tuple(batch["input_ids"].shape))
+        shapes.append({"shape": tuple(batch["input_ids"].shape), "lengths": [len(e.input_ids) for e in part],
+                       "supervised": sum(e.n_supervised for e in part)})
         scaled, ce, kd = step_losses(student, teacher, batch, n_supervised, loss,
-                                     settings.precision == "bf16")
+                                     settings.precision == "bf16", settings.loss_impl)
         scaled.backward()
         share = sum(e.n_supervised for e in part) / max(1, n_supervised)
         ce_sum, kd_sum, total_value = ce_sum + ce * share, kd_sum + kd * share, total_value + scaled.item()
+    # Each rank holds its share of the global means: their sums are the step's (same on every rank,
+    # so a non-finite loss stops all ranks together).
+    ce_sum, kd_sum, total_value = distributed.all_reduce_sum([ce_sum, kd_sum, total_value], dist)
     if not math.isfinite(total_value):
         raise FloatingPointError(f"{desc}: loss is {total_value} at step {step} (ce={ce_sum}, "
                                  f"kd={kd_sum}; batch lengths {[len(e.input_ids) for e in chosen]})")
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor when the student is sharded: the global norm
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lr = schedule.get_last_lr()[0]

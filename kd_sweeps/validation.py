@@ -76,6 +76,7 @@ def _check_models(cfg: DictConfig, issues: list[str]) -> None:
             if isinstance(spec.hidden, int) and isinstance(spec.heads, int) and spec.heads > 0 \
                     and spec.hidden % spec.heads:
                 issues.append(f"{key}.hidden={spec.hidden}: must be divisible by {key}.heads={spec.heads}")
+            _choice(issues, f"{key}.prep_precision", spec.prep_precision, PRECISIONS)
             if not 1 <= spec.prep_min_steps <= spec.prep_max_steps <= 12:
                 issues.append(f"{key}.prep_min_steps/prep_max_steps={spec.prep_min_steps}/"
                               f"{spec.prep_max_steps}: need 1 <= min <= max <= 12")
@@ -111,6 +112,8 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
     _unit_interval(issues, "train.warmup_ratio", train.warmup_ratio)
     _choice(issues, "train.precision", train.precision, PRECISIONS)
     _choice(issues, "train.device", train.device, DEVICES)
+    _choice(issues, "train.loss_impl", train.loss_impl, ("chunked", "full"))
+    _choice(issues, "train.teacher_parallel", train.teacher_parallel, ("replicate", "shard"))
     if isinstance(train.batch_size, int) and isinstance(train.grad_accum, int) and train.grad_accum > 0 \
             and train.batch_size % train.grad_accum:
         issues.append(f"train.batch_size={train.batch_size}: must be divisible by "

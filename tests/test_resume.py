@@ -39,7 +39,7 @@ def train_steps(setup, resume=None, signal_at=None, max_steps=6):
     model = copy.deepcopy(student)
     losses = {}
 
-    def on_step(step, metrics, lengths, shapes):
+    def on_step(step, metrics, micro):
         losses[step] = metrics["loss"]
         if step == signal_at:  # what Slurm does before a preemption: a signal to the job
             os.kill(os.getpid(), signal.SIGUSR2)

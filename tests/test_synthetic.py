@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kd_sweeps.data import marker_ids, messages
 from kd_sweeps.sections import find_spans
-from kd_sweeps.synthetic import MAX_VALUE, Problem, extract_boxed, make_split, sample_problem
+from kd_sweeps.synthetic import MODULUS, Problem, extract_boxed, make_split, sample_problem
 from kd_sweeps.tokenizer import build_tokenizer, load_or_build_tokenizer
 
 
@@ -19,7 +19,7 @@ def test_running_values_stay_in_range_and_lengths_vary():
 
     rng = random.Random(0)
     problems = [sample_problem(rng, 2, 12) for _ in range(500)]
-    assert all(0 <= v <= MAX_VALUE for p in problems for v in p.values)
+    assert all(0 <= v < MODULUS for p in problems for v in p.values)
     assert {len(p.steps) for p in problems} == set(range(2, 13))
 
 

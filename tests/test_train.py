@@ -37,7 +37,7 @@ def run(setup, grad_accum: int, steps: int = 2, kd_ratio: float = 0.5):
     losses = []
     train.train_loop(model, teacher.double(), examples, tokenizer.pad_token_id, settings,
                      train.LossSettings(kd_ratio=kd_ratio), torch.device("cpu"),
-                     on_step=lambda step, metrics, lengths, shapes: losses.append(metrics["loss"]))
+                     on_step=lambda step, metrics, micro: losses.append(metrics["loss"]))
     return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
