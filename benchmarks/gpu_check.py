@@ -1,6 +1,6 @@
 """KD training on one GPU at realistic width: tokens/s, peak memory and MFU at trunc 1.0 and 0.5.
 
-    python benchmarks/gpu_check.py                          # one H100: about two minutes
+    python benchmarks/gpu_check.py                          # one H100 (estimated 1-2 minutes)
     python benchmarks/gpu_check.py --loss-impl chunked full # also full (B, T, V) logits, for comparison
     python benchmarks/gpu_check.py --device cpu --tiny      # seconds: checks the script itself
 
@@ -8,9 +8,9 @@ The pair has Qwen3's architecture and RANDOM weights (a GPU box may have no hub 
 memory do not depend on the values), built in code:
   student  Qwen3-4B width: hidden 2560, 32 query / 8 KV heads of 128, MLP 9728, tied head;
   teacher  Qwen3-8B width: hidden 4096, 32 / 8 heads of 128, MLP 12288, untied head;
-both with vocabulary 151,936 and 12 of their 36 layers (--layers), so that the teacher, the student
-with its gradients and AdamW states (bf16 weights, as the training loads pretrained models) and the
-activations fit one 80 GB GPU. Each step is the project's own loop (kd_sweeps.train): 8 sequences in
+both with vocabulary 151,936 and 12 of their 36 layers (--layers): 1.60B and 3.56B parameters, so
+that the teacher, the student with its gradients and AdamW states (bf16 weights, as the training
+loads pretrained models) and the activations fit one 80 GB GPU. Each step is the project's own loop (kd_sweeps.train): 8 sequences in
 8 micro-batches of one 4096-token sequence, trunc 0.5 keeping the leading 2048 tokens of each;
 every position after the first is supervised, bf16 autocast. The first --warmup steps are not timed.
 
@@ -30,6 +30,7 @@ import torch
 from kd_sweeps import train
 from kd_sweeps.cost import CostMeter, ModelShape, peak_memory_bytes
 from kd_sweeps.data import IGNORE_INDEX, TrainExample
+from kd_sweeps.distributed import enable_activation_checkpointing
 
 H100_BF16_DENSE_FLOPS = 989e12
 QWEN3_VOCAB = 151_936
@@ -134,7 +135,7 @@ def main(argv=None) -> list[dict]:
     student = qwen3(shapes[0], args.layers, vocab, device, dtype)
     teacher = qwen3(shapes[1], args.layers, vocab, device, dtype).requires_grad_(False)
     if args.activation_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(student)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     params = [sum(p.numel() for p in m.parameters()) / 1e9 for m in (student, teacher)]
     print(f"{name}; student {params[0]:.2f}B, teacher {params[1]:.2f}B parameters, {args.layers} layers each; "

@@ -272,7 +272,7 @@ def chunked_kd_ce(
     teacher = None
     if has_teacher and kd_ratio > 0:
         teacher = _Teacher(None if teacher_hidden is None else teacher_hidden.detach(),
-                           None if teacher_head_weight is None else teacher_head_weight.detach(),
+                           None if teacher_head_weight is None else _cast_once(teacher_head_weight.detach()),
                            teacher_logits_fn, teacher_topk)
     settings = {"kd_ratio": kd_ratio if teacher is not None else 0.0, "chunk_size": chunk_size,
                 "n": student_hidden.shape[0],
@@ -281,6 +281,18 @@ def chunked_kd_ce(
     total, ce_mean, kd_mean = _ChunkedKDCE.apply(
         student_hidden, student_head_weight, student_head_bias, targets.long(), teacher, settings)
     return total, ce_mean, kd_mean, student_hidden.shape[0]
+
+
+def _cast_once(weight: Tensor) -> Tensor:
+    """Under autocast, the fp32 teacher head (V, Ht) cast to the autocast dtype once per call.
+
+    Autocast caches casts only for leaves that require grad; a frozen teacher head would otherwise
+    be cast again for every chunk (a (V, Ht) copy each time).
+    """
+    device_type = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return weight.to(torch.get_autocast_dtype(device_type))
+    return weight
 
 
 def _validate(hidden, teacher_hidden, weight, teacher_weight, targets, name, kd_ratio, temperature,
@@ -313,6 +325,8 @@ def _validate(hidden, teacher_hidden, weight, teacher_weight, targets, name, kd_
             shape = None if teacher_weight is None else tuple(teacher_weight.shape)
             issues.append(f"teacher_head_weight {shape}: expected ({vocab}, {teacher_hidden.shape[-1]}) "
                           f"(or pass teacher_logits_fn)")
+    if teacher_logits_fn is not None and teacher_hidden is None:
+        issues.append("teacher_logits_fn: needs teacher_hidden (it maps teacher hidden states to logits)")
     if teacher_topk is not None:
         values, indices = teacher_topk
         if values.shape != indices.shape or values.dim() != 2 or values.shape[0] != n:

@@ -18,6 +18,7 @@ the update equals the single-process one. Rank 0 alone writes records, checkpoin
 
 from __future__ import annotations
 
+import copy
 import os
 import zlib
 from dataclasses import dataclass
@@ -103,9 +104,15 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 
 def destroy(env: DistEnv) -> None:
+    """Leave the process group. Sharded models must be unreachable by now: the collection below
+    frees them (and the gloo work their hooks hold) while Python still runs; left to interpreter
+    shutdown, that work can abort the process at exit."""
+    import gc
+
     import torch.distributed as dist
 
     if env.distributed and dist.is_initialized():
+        gc.collect()  # a sharded model is in a reference cycle (its final_hidden method)
         dist.destroy_process_group()
 
 
@@ -207,6 +214,16 @@ def place_teacher(model, env: DistEnv, parallel: str = "replicate"):
     return model
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant checkpointing, which composes with
+    FSDP2's hooks). Call before ``shard_student``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def hidden_and_head(model, input_ids, attention_mask=None):
     """``chunked_loss.hidden_and_head`` for a plain or an FSDP-sharded model: final hidden states
     (B, T, H) and the output-layer weight (V, H). A sharded root keeps its parameters gathered
@@ -240,14 +257,16 @@ def gathered_model(model, env: DistEnv):
         full = AutoModelForCausalLM.from_config(model.config, dtype=dtype,
                                                 attn_implementation=model.config._attn_implementation)
     full.load_state_dict(state)
+    full.generation_config = copy.deepcopy(model.generation_config)  # from_config would reset it
     return full.eval()
 
 
 class ShardedTrainState(TrainState):
     """Exact resume for a sharded student: FULL model and optimizer state dicts, gathered to rank 0
-    (through CPU memory) and written by it alone; on load rank 0 reads the file and broadcasts, so
-    the file may be resumed with any number of processes. RNG states are rank 0's: every rank is
-    seeded alike and draws nothing of its own during training."""
+    (through CPU memory) and written by it alone; on load rank 0 reads the file and broadcasts, so a
+    job may resume with another number of processes (two or more: the optimizer state is keyed by
+    parameter names, unlike a single process's). RNG states are rank 0's: every rank is seeded
+    alike and draws nothing of its own during training."""
 
     def __init__(self, folder: Path, env: DistEnv):
         super().__init__(folder)

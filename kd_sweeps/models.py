@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TASK_VERSION = "arith-v1"  # bump when the embedded task's text format changes: invalidates caches
+TASK_VERSION = "dial-v1"  # bump when the embedded task's text format changes: invalidates caches
 
 
 @dataclass

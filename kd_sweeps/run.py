@@ -107,7 +107,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     if main_first and env.is_main:
         distributed.barrier(env)
     if cfg.train.activation_checkpointing:  # each layer's activations are recomputed in backward
-        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        distributed.enable_activation_checkpointing(student.model)
     student_model = distributed.shard_student(student.model, env)  # the model itself for one process
     teacher_model = distributed.place_teacher(teacher.model, env, cfg.train.teacher_parallel)
     meter = CostMeter(ModelShape.from_config(student.model.config), ModelShape.from_config(teacher.model.config),
@@ -145,6 +145,8 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
         setattr(meter, key, total)
     peak_memory = max(distributed.all_gather(memory.peak_bytes, env))
     final = distributed.gathered_model(student_model, env)  # collective: the full student on rank 0 only
+    # Generation needs the memory more than the frozen teacher and the student's shards do.
+    teacher.model = student.model = teacher_model = student_model = None
     if not env.is_main:
         return {}
     final.save_pretrained(output_dir / "checkpoint")

@@ -283,6 +283,12 @@ def test_invalid_arguments_are_all_reported():
                       targets, name="kl", kd_ratio=1.5, temperature=0.0, chunk_size=0)
     for key in ("name='kl'", "kd_ratio=1.5", "temperature=0.0", "chunk_size=0", "teacher_head_weight"):
         assert key in str(err.value)
+    values, indices = torch.zeros(len(rows), V), torch.zeros(len(rows), V, dtype=torch.long)
+    with pytest.raises(ValueError) as err:
+        chunked_kd_ce(hidden.flatten(0, 1)[rows], None, weight, None, targets, name="jsd", kd_ratio=0.5,
+                      teacher_topk=(values, indices), teacher_logits_fn=torch.tanh)
+    for key in ("k=17", "teacher_logits_fn"):
+        assert key in str(err.value)
 
 
 # ---------------------------------------------------------------- a real model

@@ -9,9 +9,8 @@ from kd_sweeps.tokenizer import build_tokenizer, load_or_build_tokenizer
 
 
 def test_problem_values_and_answer():
-    problem = Problem(start=3, steps=(("+", 4), ("-", 6), ("+", 2)))
-    assert problem.values == [7, 1, 3]
-    assert problem.answer == 3
+    assert Problem(start=3, step=7, count=3).values == [0, 7, 4]
+    assert Problem(start=2, step=-5, count=2).answer == 2
 
 
 def test_running_values_stay_in_range_and_lengths_vary():
@@ -20,19 +19,23 @@ def test_running_values_stay_in_range_and_lengths_vary():
     rng = random.Random(0)
     problems = [sample_problem(rng, 2, 12) for _ in range(500)]
     assert all(0 <= v < MODULUS for p in problems for v in p.values)
-    assert {len(p.steps) for p in problems} == set(range(2, 13))
+    assert {p.count for p in problems} == set(range(2, 13))
+    assert {p.step > 0 for p in problems} == {True, False}
 
 
-def test_trace_restates_every_step_and_boxes_the_answer():
+def test_trace_restates_the_problem_and_works_every_step():
     record = make_split(1, seed=5, min_steps=4, max_steps=4)[0]
+    problem = sample_problem(__import__("random").Random(5), 4, 4)
     reasoning = record["reasoning"]
     assert reasoning.startswith("<think>\n") and "\n</think>\n\n" in reasoning
     cot, answer = reasoning.split("</think>")
-    problem = sample_problem(__import__("random").Random(5), 4, 4)
-    for label, (op, n) in zip("abcd", problem.steps):
-        assert f"{op}{n}{label}" in record["problem"]  # the prompt names each step
-        assert f"\n{label}{op}{n}: " in cot  # the CoT restates it before working it out
-    assert extract_boxed(answer) == record["answer"]
+    assert record["problem"].replace(" What is the result?", "") in cot  # restated
+    sign = "+" if problem.step > 0 else "-"
+    previous = problem.start
+    for k, value in enumerate(problem.values, start=1):
+        assert f"\n{k}: {previous}{sign}{abs(problem.step)}={value}\n" in cot
+        previous = value
+    assert extract_boxed(answer) == record["answer"] == str(problem.answer)
 
 
 def test_splits_are_seeded():
@@ -66,4 +69,4 @@ def test_sequence_lengths_vary_several_fold():
     tokenizer = build_tokenizer()
     lengths = [len(tokenizer.apply_chat_template(messages(r), tokenize=True)["input_ids"])
                for r in make_split(300, seed=0)]
-    assert max(lengths) / min(lengths) > 2
+    assert max(lengths) / min(lengths) > 1.7
