@@ -10,9 +10,10 @@ memory do not depend on the values), built in code:
   teacher  Qwen3-8B width: hidden 4096, 32 / 8 heads of 128, MLP 12288, untied head;
 both with vocabulary 151,936 and 12 of their 36 layers (--layers): 1.60B and 3.56B parameters, so
 that the teacher, the student with its gradients and AdamW states (bf16 weights, as the training
-loads pretrained models) and the activations fit one 80 GB GPU. Each step is the project's own loop (kd_sweeps.train): 8 sequences in
-8 micro-batches of one 4096-token sequence, trunc 0.5 keeping the leading 2048 tokens of each;
-every position after the first is supervised, bf16 autocast. The first --warmup steps are not timed.
+loads pretrained models) and the activations fit one 80 GB GPU. Each step is the project's own
+loop (kd_sweeps.train): 8 sequences in 8 micro-batches of one 4096-token sequence, trunc 0.5
+keeping the leading 2048 tokens of each; every position after the first is supervised, bf16
+autocast. The first --warmup steps are not timed.
 
 MFU = model FLOPs (kd_sweeps.cost: student forward + backward, teacher forward; with the chunked
 loss the output layers only on supervised positions) / time / peak. The peak is 989e12, the H100
