@@ -53,15 +53,12 @@ def load_records(data_cfg, split: str) -> list[dict]:
     """The records of one split: ``train``, ``val`` (checkpoint selection) or ``test`` (the embedded
     task's held-out problems; real datasets are evaluated on benchmarks instead)."""
     if data_cfg.source == "synthetic":
-        # Test problems come from another seed; any that also occur in train are dropped.
-        train = make_split(data_cfg.n_train, data_cfg.seed, data_cfg.min_steps, data_cfg.max_steps)
-        if split == "train":
-            return train
-        seen = {r["problem"] for r in train}
-        seed = data_cfg.seed + (1 if split == "test" else 2)
-        size = data_cfg.n_test if split == "test" else data_cfg.n_val or data_cfg.n_test
-        held_out = make_split(size * 2, seed, data_cfg.min_steps, data_cfg.max_steps)
-        return [r for r in held_out if r["problem"] not in seen][:size]
+        # Held-out problems are (start, step, count) combinations that training never sees.
+        if split == "test":
+            return make_split(data_cfg.n_test, data_cfg.seed + 1, data_cfg.min_steps, data_cfg.max_steps, "test")
+        size = data_cfg.n_train if split == "train" else data_cfg.n_val or data_cfg.n_test
+        seed = data_cfg.seed if split == "train" else data_cfg.seed + 2
+        return make_split(size, seed, data_cfg.min_steps, data_cfg.max_steps, "train")
     from kd_sweeps.sources import DATASETS, load_reasoning_dataset
 
     train, val, report = load_reasoning_dataset(

@@ -2,7 +2,9 @@
 
 On CPU the process-lifetime peak (``ru_maxrss``) cannot be reset, and several grid points may run in
 one process, so a thread samples the resident set size every few milliseconds inside the block and
-reports the peak above the level at entry: the memory the block itself needed.
+reports the peak above the level at entry: the memory the block itself needed. Freed heap memory
+that the C allocator still holds would be reused without raising the RSS (and make the number
+depend on what ran before), so it is handed back to the OS first (glibc ``malloc_trim``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,18 @@ import threading
 import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc only; elsewhere a no-op), after a garbage collection."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def current_rss_bytes() -> int:
@@ -44,6 +58,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            release_free_heap()
             self._base = current_rss_bytes()
             self.absolute_peak_bytes = self._base
             self._thread = threading.Thread(target=self._sample, daemon=True)

@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TASK_VERSION = "dial-v1"  # bump when the embedded task's text format changes: invalidates caches
+TASK_VERSION = "dial-v2"  # bump when the embedded task's text format changes: invalidates caches
 
 
 @dataclass
@@ -120,8 +120,8 @@ def _prepare(model, spec: dict, role: str, tokenizer, device) -> dict:
     if spec["prep_steps"] > 0:
         train.train_loop(model, None, examples, tokenizer.pad_token_id, settings, train.LossSettings(kd_ratio=0.0),
                          device, desc=f"prepare {role}")
-    # Held-out problems of every length 2..12 (the sweep's test distribution), from a fixed seed.
-    heldout = make_split(spec["prep_eval_problems"], 123_456, 2, 12)
+    # Held-out combinations of every length 2..12 (the sweep's test split), in a fixed order.
+    heldout = make_split(spec["prep_eval_problems"], 123_456, 2, 12, split="test")
     result = evaluate.evaluate(model, tokenizer, heldout, _EvalDefaults(), device)
     return {"role": role, "accuracy": result.accuracy, "stderr": result.stderr, "n": result.n,
             "spec": spec, "params": sum(p.numel() for p in model.parameters())}

@@ -12,6 +12,8 @@ truncation cuts different sections of different examples, as it does on real rea
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -21,6 +23,10 @@ MODULUS = 10  # a 0-9 dial: one-digit values, one-token arithmetic
 # small networks learn modular tables slowly; a handful of steps keeps the table small while the
 # answer still needs every line of the chain.
 STEPS = (1, 3, -1, -3)
+# The problem space is small (10 starts x 4 steps x 11 counts = 440), so the held-out split is a fixed
+# 30% of the (start, step, count) combinations that training never sees: a test problem is always
+# new, while every (digit, step) line it needs occurs in other training problems.
+HELD_OUT_FRACTION = 0.3
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
@@ -67,14 +73,35 @@ def reasoning_text(problem: Problem) -> str:
     return f"<think>\n{cot}\n</think>\n\nThe result is \\boxed{{{problem.answer}}}."
 
 
-def make_split(n: int, seed: int, min_steps: int = 2, max_steps: int = 12) -> list[dict]:
-    """Records in the schema every data source produces: problem, reasoning (CoT + answer), answer."""
+def is_held_out(problem: Problem) -> bool:
+    """Whether the problem's (start, step, count) combination belongs to the held-out split."""
+    digest = hashlib.sha256(f"{problem.start},{problem.step},{problem.count}".encode()).digest()
+    return digest[0] < 256 * HELD_OUT_FRACTION
+
+
+def _record(problem: Problem) -> dict:
+    return {"problem": prompt_text(problem), "reasoning": reasoning_text(problem),
+            "answer": str(problem.answer), "n_steps": problem.count}
+
+
+def make_split(n: int, seed: int, min_steps: int = 2, max_steps: int = 12, split: str = "train") -> list[dict]:
+    """Records in the schema every data source produces: problem, reasoning (CoT + answer), answer.
+
+    ``train``: n problems drawn (with repeats) from the combinations that are not held out.
+    ``test``: up to n distinct held-out combinations, in a seeded order (there are about 130 with
+    2..12 steps)."""
     rng = random.Random(seed)
+    if split == "test":
+        problems = [Problem(start, step, count) for start, step, count in itertools.product(
+            range(MODULUS), STEPS, range(min_steps, max_steps + 1))]
+        held_out = [p for p in problems if is_held_out(p)]
+        rng.shuffle(held_out)
+        return [_record(p) for p in held_out[:n]]
     records = []
-    for _ in range(n):
+    while len(records) < n:
         problem = sample_problem(rng, min_steps, max_steps)
-        records.append({"problem": prompt_text(problem), "reasoning": reasoning_text(problem),
-                        "answer": str(problem.answer), "n_steps": problem.count})
+        if not is_held_out(problem):
+            records.append(_record(problem))
     return records
 
 

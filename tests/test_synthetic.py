@@ -70,3 +70,15 @@ def test_sequence_lengths_vary_several_fold():
     lengths = [len(tokenizer.apply_chat_template(messages(r), tokenize=True)["input_ids"])
                for r in make_split(300, seed=0)]
     assert max(lengths) / min(lengths) > 1.7
+
+
+def test_held_out_split_is_disjoint_from_training():
+    test = make_split(1000, seed=1, split="test")
+    train = make_split(3000, seed=2)
+    assert 100 < len(test) < 200  # a fixed ~30% of the 440 (start, step, count) combinations
+    assert len({r["problem"] for r in test}) == len(test)
+    assert not {r["problem"] for r in test} & {r["problem"] for r in train}
+    # Every line a test problem needs (digit, step) is practised by training problems.
+    lines = {line for r in train for line in r["reasoning"].splitlines() if "=" in line}
+    needed = {line.split(": ", 1)[1] for r in test for line in r["reasoning"].splitlines() if "=" in line}
+    assert needed <= {line.split(": ", 1)[1] for line in lines}
