@@ -27,11 +27,14 @@ class EvalResult:
 def answers_match(completion: str, gold: str) -> bool:
     """The last ``\\boxed{}`` of a completion against the gold answer: exact match first (fast, and
     all the embedded task needs); otherwise math-verify, which knows that 1/2, 0.5 and
-    \\frac{1}{2} agree."""
+    \\frac{1}{2} agree. A completion without a boxed answer is wrong: every prompt asks for one,
+    and falling back to "any number in the text" lets a random model score on a 0-9 answer space."""
     from kd_sweeps.benchmarks import check_answer, last_boxed
 
     predicted = last_boxed(completion)
-    if predicted is not None and predicted.strip() == str(gold).strip():
+    if predicted is None:
+        return False
+    if predicted.strip() == str(gold).strip():
         return True
     return check_answer(completion, str(gold))
 
