@@ -39,6 +39,8 @@ class TrainExample:
     input_ids: torch.Tensor  # (T,) the kept window
     labels: torch.Tensor  # (T,) token id where supervised, IGNORE_INDEX elsewhere (not shifted)
     n_supervised: int
+    index: int = -1  # position of the full sequence in the encoded list (teacher cache rows)
+    window: tuple[int, int] = (0, 0)  # the kept [start, end) of that full sequence
 
 
 @dataclass
@@ -136,7 +138,7 @@ def training_examples(encoded: Sequence[Encoded], sections: Sequence[str], trunc
             skipped += 1
             continue
         input_ids, labels = label_tensor(enc.input_ids, window, mask, IGNORE_INDEX)
-        examples.append(TrainExample(input_ids, labels, n_supervised))
+        examples.append(TrainExample(input_ids, labels, n_supervised, index, tuple(window)))
     return examples, skipped
 
 

@@ -80,6 +80,23 @@ class _Unrecorded:
         pass
 
 
+def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device) -> tuple:
+    """The teacher's top-k cache for this (teacher, data, formatting, k, temperature), built once per
+    sweep under a file lock and shared by every grid point; and what its build cost."""
+    from kd_sweeps import teacher_cache as tc
+
+    key = dict(teacher_id=str(teacher.path), dataset_fingerprint=tc.dataset_fingerprint(encoded),
+               formatting=f"{cfg.data.name}:{models.TASK_VERSION}", max_tokens=cfg.data.max_tokens,
+               k=cfg.train.teacher_topk, temperature=cfg.loss.temperature)
+    started = time.perf_counter()
+    cache = tc.build_cache(teacher.model, encoded, cache_dir / f"teacher-topk-{tc.cache_key(**key)}",
+                           cfg.train.teacher_topk, cfg.loss.temperature, 32, device, key=tc.key_fields(**key))
+    summary = {"teacher_cache_built_here": bool(cache.built), "teacher_cache_path": str(cache.folder),
+               "teacher_cache_seconds": time.perf_counter() - started,
+               "teacher_cache_build_flops": cache.meta.get("teacher_forward_flops", 0) if cache.built else 0}
+    return train.CachedTeacher(cache), summary
+
+
 def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env: distributed.DistEnv) -> dict:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -109,8 +126,14 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     if cfg.train.activation_checkpointing:  # each layer's activations are recomputed in backward
         distributed.enable_activation_checkpointing(student.model)
     student_model = distributed.shard_student(student.model, env)  # the model itself for one process
-    teacher_model = distributed.place_teacher(teacher.model, env, cfg.train.teacher_parallel)
-    meter = CostMeter(ModelShape.from_config(student.model.config), ModelShape.from_config(teacher.model.config),
+    cache_summary: dict = {}
+    if cfg.train.teacher_cache == "topk":
+        teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, cache_dir, device)
+        teacher_shape = None  # no teacher FLOPs per step; the build is reported once, in the summary
+    else:
+        teacher_model = distributed.place_teacher(teacher.model, env, cfg.train.teacher_parallel)
+        teacher_shape = ModelShape.from_config(teacher.model.config)
+    meter = CostMeter(ModelShape.from_config(student.model.config), teacher_shape,
                       head_on_supervised_only=cfg.train.loss_impl == "chunked")
 
     counters = {"train_time_s": 0.0}  # wall time of finished steps, carried across a resume
@@ -156,7 +179,8 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
                "final_kd_loss": last.get("kd_loss"), "examples_trained_on": len(examples),
                "examples_skipped": skipped, "examples_too_long": stats.too_long,
                "examples_missing_markers": stats.missing_markers,
-               "teacher_accuracy": teacher.info.get("accuracy"), "base_accuracy": student.info.get("accuracy")}
+               "teacher_accuracy": teacher.info.get("accuracy"), "base_accuracy": student.info.get("accuracy"),
+               **cache_summary}
     summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
     accuracies, stderrs = [], []
     for bench in cfg.eval.benchmarks:

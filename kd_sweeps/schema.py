@@ -94,6 +94,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # save the exact training state every N steps (0: only on preemption)
     device: str = "auto"  # auto | cpu | cuda
     loss_impl: str = "chunked"  # chunked (output layers on supervised positions only) | full
+    teacher_cache: str = "none"  # none (teacher runs every step) | topk (its top-k, computed once)
+    teacher_topk: int = 32  # k of the top-k cache; the rest of the distribution is one tail bucket
     activation_checkpointing: bool = False  # recompute each layer in backward: ~1/3 more compute, far less memory
     teacher_parallel: str = "replicate"  # several processes: full teacher per rank | shard (FSDP2, less memory)
 

@@ -58,6 +58,22 @@ def warmup_cosine(step: int, total: int, warmup_ratio: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+class CachedTeacher:
+    """The teacher as its cached top-k log-probabilities (kd_sweeps/teacher_cache.py): no forward
+    pass at all during training; each micro-batch gathers its rows."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def eval(self) -> "CachedTeacher":
+        return self
+
+    def rows_for(self, part, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values (N, k), ids (N, k)) in the order of ``supervised_positions`` for this micro-batch."""
+        return self.cache.gather([e.index for e in part], [e.window for e in part],
+                                 [e.labels != IGNORE_INDEX for e in part], device=device)
+
+
 def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: LossSettings,
                 autocast: bool, impl: str = "chunked") -> tuple[torch.Tensor, float, float]:
     """Loss of one micro-batch, scaled so that summing over the step's micro-batches gives the
@@ -66,8 +82,11 @@ def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: Los
     ``chunked`` (default) runs the output layers on supervised positions only, a chunk at a time
     (kd_sweeps/chunked_loss.py); ``full`` builds (B, T, V) logits for both models — the plain
     reference the chunked path is tested against."""
+    topk = batch.get("teacher_topk")  # set when the teacher is a CachedTeacher
     use_teacher = teacher is not None and loss.kd_ratio > 0
     kd_ratio = loss.kd_ratio if teacher is not None else 0.0
+    if topk is not None and impl != "chunked":
+        raise ValueError("the cached teacher needs train.loss_impl=chunked")
     device_type = batch["input_ids"].device.type
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if impl == "chunked":
@@ -75,14 +94,14 @@ def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: Los
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             hidden, weight = hidden_and_head(student, **inputs)  # (B, T, H), (V, H)
             teacher_hidden = teacher_weight = None
-            if use_teacher:
+            if use_teacher and topk is None:
                 with torch.no_grad():
                     t_hidden, teacher_weight = hidden_and_head(teacher, **inputs)
                 teacher_hidden = t_hidden.flatten(0, 1)[rows]  # (N, Ht)
             total, ce, kd, n_here = chunked_kd_ce(
                 hidden.flatten(0, 1)[rows], teacher_hidden, weight, teacher_weight, targets,
                 name=loss.name, kd_ratio=kd_ratio if use_teacher else 0.0, temperature=loss.temperature,
-                beta=loss.beta, alpha=loss.alpha, mix=loss.mix)
+                beta=loss.beta, alpha=loss.alpha, mix=loss.mix, teacher_topk=topk if use_teacher else None)
         return total * (n_here / max(1, n_step_supervised)), ce.item(), kd.item()
     targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     mask = targets != IGNORE_INDEX
@@ -186,6 +205,8 @@ def _optimizer_step(student, teacher, chosen, pad_id, settings, loss, optimizer,
     for start in range(0, len(mine), micro):
         part = mine[start:start + micro]
         batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+        if isinstance(teacher, CachedTeacher):
+            batch["teacher_topk"] = teacher.rows_for(part, device)
         shapes.append({"shape": tuple(batch["input_ids"].shape), "lengths": [len(e.input_ids) for e in part],
                        "supervised": sum(e.n_supervised for e in part)})
         scaled, ce, kd = step_losses(student, teacher, batch, n_supervised, loss,

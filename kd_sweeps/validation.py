@@ -113,6 +113,14 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
     _choice(issues, "train.precision", train.precision, PRECISIONS)
     _choice(issues, "train.device", train.device, DEVICES)
     _choice(issues, "train.loss_impl", train.loss_impl, ("chunked", "full"))
+    _choice(issues, "train.teacher_cache", train.teacher_cache, ("none", "topk"))
+    if train.teacher_cache == "topk":
+        from kd_sweeps.teacher_cache import SUPPORTED_MODES
+
+        _positive(issues, "train.teacher_topk", train.teacher_topk)
+        _choice(issues, "truncation.mode (with train.teacher_cache=topk)", cfg.truncation.mode, SUPPORTED_MODES)
+        if train.loss_impl != "chunked":
+            issues.append("train.teacher_cache=topk needs train.loss_impl=chunked")
     _choice(issues, "train.teacher_parallel", train.teacher_parallel, ("replicate", "shard"))
     if isinstance(train.batch_size, int) and isinstance(train.grad_accum, int) and train.grad_accum > 0 \
             and train.batch_size % train.grad_accum:

@@ -52,6 +52,10 @@ def test_trunc_outside_unit_interval(value):
         (["data.source=hub", "data.name=mydata"], "data.name='mydata' with data.path='': name a dataset"),
         (["data.source=hub", "data.name=skyt1"], "eval.benchmarks contains 'synthetic'"),
         (["data.max_steps=20"], "data.min_steps/max_steps=2/20: need 1 <= min <= max <= 12"),
+        (["train.teacher_cache=topk", "truncation.mode=middle"],
+         "truncation.mode (with train.teacher_cache=topk)='middle': must be one of lead, left, random_labels"),
+        (["train.teacher_cache=topk", "train.loss_impl=full"], "train.teacher_cache=topk needs train.loss_impl=chunked"),
+        (["train.teacher_cache=disk"], "train.teacher_cache='disk': must be one of none, topk"),
     ],
 )
 def test_each_bad_value_is_named(overrides, expected):
