@@ -11,7 +11,6 @@ allowed) against the gold answer, both parsed first (raw strings never verify).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -103,17 +102,12 @@ def _read_rows(path: str, spec: BenchmarkSpec) -> list[dict]:
         import datasets
 
         return [dict(row) for row in datasets.load_dataset("parquet", data_files=str(file), split="train")]
-    text = file.read_text(encoding="utf-8")
-    if file.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise BenchmarkError(f"{path}:{line_no}: not valid JSON ({err})") from err
-    return rows
+    from kd_sweeps.sources import SourceError, read_json_records
+
+    try:
+        return read_json_records(file)
+    except SourceError as err:  # the same reader as the datasets; the benchmark's error type
+        raise BenchmarkError(str(err)) from err
 
 
 def _hub_rows(spec: BenchmarkSpec, name: str) -> list[dict]:

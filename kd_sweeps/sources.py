@@ -252,7 +252,7 @@ def infer_schema(columns) -> str:
                       "nemotron (input, output), records (problem, reasoning, answer)")
 
 
-def _read_json(path: Path) -> list[dict]:
+def read_json_records(path: Path) -> list[dict]:
     """JSON (one list) or JSONL, with the standard library: no column typing, so a wrong-typed
     field reaches format_record (and is named there) instead of failing inside Arrow."""
     text = path.read_text(encoding="utf-8")
@@ -279,7 +279,7 @@ def _read_rows(name_or_path: str, source: str, spec: DatasetSpec | None, split: 
         path = Path(name_or_path)
         if not path.is_file():
             raise SourceError(f"data file {name_or_path!r} does not exist")
-        return _read_json(path)
+        return read_json_records(path)
     if source == "path":
         path = Path(name_or_path)
         if not path.is_dir():
