@@ -73,8 +73,14 @@ def test_job_array_returns_results(tmp_path):
     assert len(jobs) == 3
     assert len({job.job_id.split("_")[0] for job in jobs}) == 1, "expected one array job"
     assert [job.result() for job in jobs] == [11, 14, 19]
-    # Accounting knows about the finished tasks.
-    jobs[0].get_info(mode="force")
+    # Accounting knows about the finished tasks. slurmdbd records them a moment after the result
+    # file appears, so poll sacct (through submitit) for up to 60 s before judging.
+    deadline = time.monotonic() + 60
+    while True:
+        jobs[0].get_info(mode="force")
+        if jobs[0].state == "COMPLETED" or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert jobs[0].state == "COMPLETED"
 
 
