@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from kd_sweeps.chunked_loss import chunked_kd_ce, hidden_and_head, supervised_positions
 from kd_sweeps.losses import LOSS_NAMES, ce_loss, kd_loss, total_loss
+from tests.test_losses import ref_divergence_from_probs
 
 IGNORE = -100
 B, T, H, HT, V = 3, 8, 6, 5, 17
@@ -167,28 +168,6 @@ def _bucket_probs(student_logits, values, indices, temperature):
     return torch.cat([ps, 1 - ps.sum(1, keepdim=True)], 1), torch.cat([pt, 1 - pt.sum(1, keepdim=True)], 1)
 
 
-def _kl(p, q):
-    return (p * torch.log(p / q)).sum(-1)
-
-
-def _ref_divergence(ps, pt, name, beta, alpha, mix):
-    """Explicit formulas on probabilities (N, K) -> (N,)."""
-    if name == "forward_kl":
-        return _kl(pt, ps)
-    if name == "reverse_kl":
-        return _kl(ps, pt)
-    if name == "combined_kl":
-        return mix * _kl(pt, ps) + (1 - mix) * _kl(ps, pt)
-    if name == "jsd":
-        m = (1 - beta) * ps + beta * pt
-        return (1 - beta) * _kl(ps, m) + beta * _kl(pt, m)
-    if name == "tvd":
-        return 0.5 * (ps - pt).abs().sum(-1)
-    if name == "skew_kl":
-        return _kl(pt, (1 - alpha) * ps + alpha * pt)
-    return _kl(ps, (1 - alpha) * pt + alpha * ps)  # skew_reverse_kl
-
-
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_sparse_matches_bucket_reference(name, temperature):
@@ -199,7 +178,7 @@ def test_sparse_matches_bucket_reference(name, temperature):
 
     logits = student_hidden @ weight.T  # (N, V)
     ps, pt = _bucket_probs(logits, values, indices, temperature)
-    kd_want = _ref_divergence(ps, pt, name, **PARAMS).mean() * temperature**2
+    kd_want = ref_divergence_from_probs(ps, pt, name, **PARAMS).mean() * temperature**2
     ce_want = F.cross_entropy(logits, targets)
     want = (1 - KD_RATIO) * ce_want + KD_RATIO * kd_want
     want_grads = _grads(want, [hidden, weight])

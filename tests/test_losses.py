@@ -24,7 +24,11 @@ def _kl(p, q):
 
 def ref_divergence(s_logits, t_logits, name, beta=0.5, alpha=0.1, mix=0.5):
     """Per-position divergence (...,) from explicit formulas."""
-    ps, pt = _probs(s_logits), _probs(t_logits)
+    return ref_divergence_from_probs(_probs(s_logits), _probs(t_logits), name, beta, alpha, mix)
+
+
+def ref_divergence_from_probs(ps, pt, name, beta=0.5, alpha=0.1, mix=0.5):
+    """The same formulas on probabilities (..., K): also usable on bucketed distributions."""
     if name == "forward_kl":
         return _kl(pt, ps)
     if name == "reverse_kl":
