@@ -242,15 +242,15 @@ def wandb_record(run) -> dict:
 def load_offline_wandb(root) -> pd.DataFrame:
     """Frame of every offline W&B run below root; corrupt logs are logged and skipped."""
     # Imported here: it needs wandb's protobufs, which result.json users may not have.
-    from analysis.wandb_offline import find_runs, read_run
+    from analysis.wandb_offline import find_runs, merge_resumed, read_run
 
-    records = []
+    runs = []
     for file in find_runs(root):
         try:
-            records.append(wandb_record(read_run(file)))
+            runs.append(read_run(file))
         except ValueError as exc:  # one damaged log should not hide the whole sweep
             log.warning("skipped offline W&B run: %s", exc)
-    return runs_frame(records)
+    return runs_frame([wandb_record(run) for run in merge_resumed(runs)])
 
 
 def _has_wandb_runs(root: Path) -> bool:

@@ -69,6 +69,7 @@ class OfflineRun:
     exit_code: int | None = None
     state: str = "crashed"
     start_time: float | None = None  # epoch seconds, from the run record
+    segments: int = 1  # offline logs folded into this run (a requeued job resumes the same run)
 
 
 def _payloads(path: Path) -> Iterator[bytes]:
@@ -246,5 +247,30 @@ def find_runs(root) -> list[Path]:
                   for f in files if f.startswith("run-") and f.endswith(".wandb"))
 
 
+def merge_resumed(runs: list[OfflineRun]) -> list[OfflineRun]:
+    """One run per id and folder. A resumed run (a preempted job requeued with the same W&B id)
+    leaves one offline log per attempt beside each other; fold them in start order: later config, summary keys and state win,
+    and history rows of an earlier attempt from the step the next one restarted at are dropped
+    (the resumed job redid the steps after its last saved state)."""
+    by_id: dict[tuple, list[OfflineRun]] = {}
+    for run in runs:  # the same point in another sweep folder has the same id: a separate run
+        by_id.setdefault((run.run_id, Path(run.path).parent), []).append(run)
+    merged = []
+    for parts in by_id.values():
+        parts.sort(key=lambda r: (r.start_time or 0.0, str(r.path)))
+        run = parts[0]
+        for later in parts[1:]:
+            restart = min((row["_step"] for row in later.history if "_step" in row), default=None)
+            kept = [row for row in run.history if restart is None or row.get("_step", -1) < restart]
+            run = OfflineRun(path=later.path, run_id=later.run_id, name=later.name or run.name,
+                             project=later.project or run.project, group=later.group or run.group,
+                             job_type=later.job_type or run.job_type, tags=later.tags or run.tags,
+                             config={**run.config, **later.config}, summary={**run.summary, **later.summary},
+                             history=kept + later.history, exit_code=later.exit_code, state=later.state,
+                             start_time=run.start_time, segments=run.segments + later.segments)
+        merged.append(run)
+    return merged
+
+
 def read_runs(root, read_history: bool = False) -> list[OfflineRun]:
-    return [read_run(f, read_history=read_history) for f in find_runs(root)]
+    return merge_resumed([read_run(f, read_history=read_history) for f in find_runs(root)])

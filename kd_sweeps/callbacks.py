@@ -53,6 +53,18 @@ def summarize_sweep(sweep_dir: Path, folders: list[Path], title: str = "") -> tu
     return markdown, next((p for p in paths if p.suffix == ".png"), None)
 
 
+def wait_for_evaluations(folders: list[Path]) -> None:
+    """Points trained with eval.separate_job=true on Slurm are evaluated by jobs queued after
+    their training: wait for those, so the table has their accuracies."""
+    pending = [f for f in folders if (read_result(f) or {}).get("status") == "evaluating"]
+    if pending:
+        from kd_sweeps import eval_job
+
+        print(f"waiting for {len(pending)} evaluation job(s)")
+        for folder in pending:
+            eval_job.wait(folder)
+
+
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = now_iso()
@@ -60,6 +72,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         folders = launched_points(sweep_dir, getattr(self, "started", ""))
+        wait_for_evaluations(folders)
         results = [read_result(folder) for folder in folders]
         counts = Counter(r.get("last_action", "ran") for r in results)
         markdown, png = summarize_sweep(sweep_dir, folders, title=f"sweep {config.sweep}")

@@ -3,8 +3,10 @@
 Slurm sends a warning signal before a preemption or a time limit (submitit asks for SIGUSR2, and
 requeues the job when its handler runs). Saving inside a signal handler could catch the optimizer
 half-way through an update, so the handler only sets a flag; the loop checks it after each step,
-saves, then hands the signal on to whoever handled it before (submitit: requeue and exit) or raises
-``Preempted`` when nobody did (a local run: rerun the same command to resume).
+saves, and raises ``Preempted``. The run's record is closed as "preempted" while the job still owns
+its processes (a requeue makes Slurm kill every process of the job step, the W&B service included),
+and only then does ``Preempted.hand_over`` give the signal to whoever handled it before: submitit
+requeues the job and exits; a local run stops (run the same command again to resume).
 
 The state holds everything the next step depends on: model, optimizer, scheduler, every RNG, the
 step (the batch order is a pure function of seed and step), and the caller's counters (cost, time).
@@ -26,11 +28,24 @@ PREEMPTION_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 class Preempted(RuntimeError):
-    """Training stopped at a step boundary after a preemption signal; its state is on disk."""
+    """Training stopped at a step boundary after a preemption signal; its state is on disk.
+
+    ``handler`` is the signal's handler from before training (submitit's requeue, or None)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM, handler: Any = None):
+        super().__init__(message)
+        self.signum, self.handler = signum, handler
+
+    def hand_over(self) -> None:
+        """Let the previous handler act (submitit: requeue and exit); if it returns, or there was
+        none, re-raise: the process stops either way."""
+        if callable(self.handler):
+            self.handler(self.signum, None)
+        raise self
 
 
 class PreemptionGuard:
-    """``with PreemptionGuard() as guard:`` … ``if guard.requested: save(); guard.hand_over()``."""
+    """``with PreemptionGuard() as guard:`` … ``if guard.requested: save(); guard.stop(step)``."""
 
     def __init__(self, signals=PREEMPTION_SIGNALS):
         self.signals = signals
@@ -53,16 +68,13 @@ class PreemptionGuard:
             signal.signal(sig, handler)
         return False
 
-    def hand_over(self, step: int) -> None:
-        """Restore the previous handlers and let the first one that is a function act (submitit
-        requeues and exits); otherwise raise Preempted."""
+    def stop(self, step: int) -> None:
+        """Restore the previous handlers and raise Preempted carrying the one for this signal."""
         signum = self.requested
         previous = self._previous.get(signum)
         self.__exit__()
-        if callable(previous):
-            previous(signum, None)
         raise Preempted(f"stopped by signal {signal.Signals(signum).name} after step {step}; "
-                        "its state is saved: run the same point again to resume")
+                        "its state is saved: run the same point again to resume", signum, previous)
 
 
 def rng_state() -> dict:

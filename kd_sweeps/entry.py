@@ -1,7 +1,9 @@
 """What ``launch.py`` runs inside each job: Hydra's runtime facts → ``run.main``; failure isolation.
 
 In a sweep, a point that raises is recorded as failed (result.json, W&B state) and the sweep goes
-on; the end-of-sweep summary lists it and the command exits non-zero. A single run re-raises.
+on; the end-of-sweep summary lists it and the command exits non-zero. A single run re-raises. A
+preemption signal is not a failure: the point is recorded as preempted, then the signal's earlier
+handler acts (submitit requeues the job, which resumes from the saved state) or the process stops.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ def run_point(cfg: DictConfig) -> dict:
     os.environ.setdefault("WANDB_SILENT", "true")
     from kd_sweeps import distributed, run
 
+    from kd_sweeps.checkpoint import Preempted
+
     try:
         return run.main(cfg, overrides)
+    except Preempted as stop:  # recorded as preempted; now submitit requeues the job, or we stop
+        stop.hand_over()
+        raise
     except Exception as err:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise

@@ -54,8 +54,14 @@ def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         record = Tracker(output_dir, point_id, cfg.sweep, resolved, cfg.logger, overrides) if env.is_main \
             else _Unrecorded(point_id)
         with record as tracker:
+            if cfg.eval.separate_job:  # the record stays open for the evaluation job
+                tracker.status_on_success = "evaluating"
             summary = _train_and_evaluate(cfg, tracker, output_dir, env)
             tracker.set_summary(summary)
+        if cfg.eval.separate_job and env.is_main:
+            from kd_sweeps import eval_job
+
+            return eval_job.submit(cfg, output_dir, point_id)
         return summary
     finally:
         distributed.destroy(env)
@@ -112,9 +118,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
                              f"with sections.include={list(cfg.sections.include)}, trunc={cfg.trunc}, "
                              f"truncation.mode={cfg.truncation.mode}; need at least train.batch_size="
                              f"{cfg.train.batch_size}")
-    # Evaluation problems are loaded now: a missing benchmark file fails before any training.
-    eval_sets = {bench: data.load_records(cfg.data, "test")[: cfg.eval.n_problems] if bench == "synthetic"
-                 else evaluate.benchmark_records(bench, cfg.eval) for bench in cfg.eval.benchmarks}
+    eval_sets = load_eval_sets(cfg)  # loaded now: a missing benchmark file fails before any training
     # Embedded models are prepared once and cached; with a process group transformers writes files on
     # rank 0 only, so rank 0 prepares them while the others wait, then they load the cached copies.
     main_first = env.distributed and "embedded" in (cfg.model.teacher.source, cfg.model.student.source)
@@ -182,9 +186,27 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
                "teacher_accuracy": teacher.info.get("accuracy"), "base_accuracy": student.info.get("accuracy"),
                **cache_summary}
     summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
+    if not cfg.eval.separate_job:
+        summary.update(evaluate_model(cfg, final, tokenizer, eval_sets, device))
+    resume.state.remove()  # the run is complete: a rerun is skipped, not resumed
+    log.info("run %s: accuracy %.3f ± %.3f, %.3g training FLOPs, %.1f s", tracker.run_id,
+             summary.get("accuracy", float("nan")), summary.get("accuracy_stderr", float("nan")),
+             summary["train_flops"], train_time)
+    return summary
+
+
+def load_eval_sets(cfg: DictConfig) -> dict[str, list[dict]]:
+    """The evaluation problems of every benchmark in ``eval.benchmarks``."""
+    return {bench: data.load_records(cfg.data, "test")[: cfg.eval.n_problems] if bench == "synthetic"
+            else evaluate.benchmark_records(bench, cfg.eval) for bench in cfg.eval.benchmarks}
+
+
+def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device) -> dict:
+    """Accuracy ± stderr per benchmark, per-problem scores, generated tokens; and their mean."""
+    summary: dict = {}
     accuracies, stderrs = [], []
     for bench in cfg.eval.benchmarks:
-        result = evaluate.evaluate(final, tokenizer, eval_sets[bench], cfg.eval, device)
+        result = evaluate.evaluate(model, tokenizer, eval_sets[bench], cfg.eval, device)
         summary.update({f"eval/{bench}/accuracy": result.accuracy, f"eval/{bench}/stderr": result.stderr,
                         f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens,
                         f"eval/{bench}/per_problem": result.per_problem})
@@ -192,7 +214,17 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
         stderrs.append(result.stderr)
     summary["accuracy"] = sum(accuracies) / len(accuracies)
     summary["accuracy_stderr"] = (sum(s**2 for s in stderrs) ** 0.5) / len(stderrs)
-    resume.state.remove()  # the run is complete: a rerun is skipped, not resumed
-    log.info("run %s: accuracy %.3f ± %.3f, %.3g training FLOPs, %.1f s", tracker.run_id,
-             summary["accuracy"], summary["accuracy_stderr"], summary["train_flops"], train_time)
     return summary
+
+
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
+    """``evaluate_model`` on a saved checkpoint (the evaluation job of ``eval.separate_job``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = distributed.init_distributed(cfg.train.device).device  # one process: no group is joined
+    trust = cfg.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", trust_remote_code=trust)
+    return evaluate_model(cfg, model.to(device), tokenizer, load_eval_sets(cfg), device)

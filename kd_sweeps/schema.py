@@ -101,7 +101,23 @@ class TrainConfig:
 
 
 @dataclass
+class EvalJobConfig:
+    """Resources of the evaluation job (eval.separate_job=true). On Slurm it is its own sbatch job,
+    started only once the training job ended well; elsewhere a separate local process."""
+
+    timeout_min: int = 240  # generation of long traces (32k tokens on AIME) takes hours at scale
+    cpus_per_task: int = 4
+    gpus_per_node: Optional[int] = None  # null: no GPU line (a CPU job)
+    mem_gb: int = 16
+    partition: Optional[str] = None  # null: the cluster's default partition
+    account: Optional[str] = None
+    qos: Optional[str] = None
+
+
+@dataclass
 class EvalConfig:
+    separate_job: bool = False  # evaluate in a job of its own (Slurm: --dependency=afterok on training)
+    job: EvalJobConfig = field(default_factory=EvalJobConfig)
     benchmarks: list[str] = field(default_factory=lambda: ["synthetic"])
     n_problems: int = 200  # per benchmark; the embedded test split has data.n_test
     max_new_tokens: int = 256

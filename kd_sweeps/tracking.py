@@ -1,7 +1,7 @@
 """Where a run's record goes: a W&B run (offline by default) and ``result.json``, written atomically.
 
 ``result.json`` is the store nothing else depends on: the resolved config, the summary, the status
-(running → ok | failed with the error) and timestamps. W&B gets the same config and summary plus the
+(running → ok | failed with the error | preempted, to resume from its saved state) and timestamps. W&B gets the same config and summary plus the
 per-step history; ``finish()`` is always called, with a non-zero exit code when the run failed.
 """
 
@@ -77,6 +77,16 @@ class Tracker:
                        "started_at": now_iso(), "finished_at": None, "launched_at": now_iso(),
                        "last_action": "ran"}
         self.wandb_run = None
+        self.status_on_success = "ok"  # "evaluating" while a separate evaluation job is pending
+
+    @classmethod
+    def reopen(cls, output_dir: Path, result: dict, logger_cfg) -> "Tracker":
+        """The record of a point that a previous job started (its evaluation job continues it):
+        the same result.json and the same W&B run (same id, resumed)."""
+        tracker = cls(output_dir, result["run_id"], result["sweep"], result["config"], logger_cfg,
+                      result.get("overrides"))
+        tracker.result = {**result, "status": "running", "error": None, "finished_at": None}
+        return tracker
 
     def __enter__(self) -> "Tracker":
         write_json_atomic(self.output_dir / RESULT_FILE, self.result)
@@ -106,10 +116,11 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         failed = exc is not None
-        self.result["status"] = "failed" if failed else "ok"
+        preempted = failed and _is_preemption(exc)
+        self.result["status"] = "preempted" if preempted else "failed" if failed else self.status_on_success
         if failed:
             self.result["error"] = f"{exc_type.__name__}: {exc}"
-            self.result["last_action"] = "failed"
+            self.result["last_action"] = self.result["status"]
         self.result["finished_at"] = now_iso()
         try:
             write_json_atomic(self.output_dir / RESULT_FILE, self.result)
@@ -117,5 +128,13 @@ class Tracker:
             if self.wandb_run is not None:
                 if failed:  # the W&B record names the error too, not only result.json
                     self.wandb_run.summary["error"] = self.result["error"]
+                if preempted:  # the requeued job resumes this same run (same id, resume="allow")
+                    self.wandb_run.mark_preempting()
                 self.wandb_run.finish(exit_code=1 if failed else 0)
         return False  # the error still propagates to the launcher
+
+
+def _is_preemption(exc: BaseException) -> bool:
+    from kd_sweeps.checkpoint import Preempted  # torch is loaded already in a job that trains
+
+    return isinstance(exc, Preempted)

@@ -182,7 +182,7 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
                 resume.state.save(done, student, optimizer, schedule, resume.get_extra())
             if stop:
                 guard.requested = stop  # a rank that saw no signal itself hands over another's
-                guard.hand_over(done)
+                guard.stop(done)
     if progress is not None:
         progress.close()
     student.eval()

@@ -129,6 +129,10 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
     ev = cfg.eval
     for field in ("n_problems", "max_new_tokens", "batch_size", "n_samples"):
         _positive(issues, f"eval.{field}", ev[field])
+    for field in ("timeout_min", "cpus_per_task", "mem_gb"):
+        _positive(issues, f"eval.job.{field}", ev.job[field])
+    if ev.job.gpus_per_node is not None:
+        _positive(issues, "eval.job.gpus_per_node", ev.job.gpus_per_node, strict=False)
     _positive(issues, "eval.temperature", ev.temperature, strict=False)
     _unit_interval(issues, "eval.top_p", ev.top_p, open_left=True)
     if not list(ev.benchmarks):

@@ -178,14 +178,22 @@ def _slurm_skip_reason() -> str | None:
 
     if shutil.which("sinfo") is None:
         return "sinfo not on PATH (no Slurm; start one with .ci/slurm/up.sh)"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%T"], capture_output=True, text=True,
-                             timeout=5)
-    except (subprocess.TimeoutExpired, OSError) as err:
-        return f"sinfo did not answer ({err}); start Slurm with .ci/slurm/up.sh"
-    if out.returncode != 0 or "idle" not in out.stdout.split():
-        return f"no idle node in partition debug ({(out.stdout + out.stderr).strip() or 'no output'})"
-    return None
+    import time
+
+    deadline = time.monotonic() + 60  # a node still finishing an earlier test's jobs is busy, not absent
+    while True:
+        try:
+            out = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%T"], capture_output=True, text=True,
+                                 timeout=5)
+        except (subprocess.TimeoutExpired, OSError) as err:
+            return f"sinfo did not answer ({err}); start Slurm with .ci/slurm/up.sh"
+        states = out.stdout.split()
+        if out.returncode == 0 and "idle" in states:
+            return None
+        if out.returncode != 0 or not {"completing", "mixed", "allocated"} & set(states) \
+                or time.monotonic() > deadline:
+            return f"no idle node in partition debug ({(out.stdout + out.stderr).strip() or 'no output'})"
+        time.sleep(1)
 
 
 @pytest.mark.slurm

@@ -92,7 +92,7 @@ def test_a_preempted_grid_point_resumes_its_run(tmp_path, monkeypatch):
     with pytest.raises(Preempted):
         point(tmp_path / "b", signal_at=1)
     interrupted = json.loads((tmp_path / "b" / "result.json").read_text())
-    assert interrupted["status"] == "failed" and "Preempted" in interrupted["error"]
+    assert interrupted["status"] == "preempted" and "Preempted" in interrupted["error"]
     resumed = point(tmp_path / "b")
     for key in ("final_loss", "train_flops", "tokens_trained", "tokens_supervised", "accuracy"):
         assert resumed[key] == reference[key], key

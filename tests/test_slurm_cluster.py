@@ -6,11 +6,11 @@ Skipped unless `sinfo` is on PATH and reports an idle node.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 
 import pytest
+
+from tests.test_launcher import _slurm_skip_reason
 
 submitit = pytest.importorskip("submitit")
 
@@ -19,29 +19,9 @@ pytestmark = pytest.mark.slurm
 PARTITION = "debug"
 
 
-def _cluster_skip_reason() -> str | None:
-    if shutil.which("sinfo") is None:
-        return "sinfo not on PATH (no Slurm; start one with .ci/slurm/up.sh)"
-    try:
-        # A healthy controller answers at once; an absent one makes sinfo retry for ~10 s.
-        out = subprocess.run(
-            ["sinfo", "-h", "-p", PARTITION, "-o", "%T"],
-            capture_output=True, text=True, timeout=5,
-        )
-    except subprocess.TimeoutExpired:
-        return "sinfo did not answer within 5 s (Slurm controller down?); run .ci/slurm/up.sh"
-    except OSError as exc:
-        return f"sinfo failed: {exc}"
-    states = out.stdout.split()
-    if out.returncode != 0 or "idle" not in states:
-        detail = (out.stdout + out.stderr).strip() or "no output"
-        return f"no idle node in Slurm partition '{PARTITION}' (sinfo: {detail}); run .ci/slurm/up.sh"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _require_idle_cluster():
-    reason = _cluster_skip_reason()
+    reason = _slurm_skip_reason()
     if reason:
         pytest.skip(reason)
 

@@ -22,6 +22,7 @@ from analysis.wandb_offline import find_runs, iter_records, read_run, read_runs 
 WRITER = textwrap.dedent(
     """
     import sys
+    import time
     from pathlib import Path
     import wandb
 
@@ -50,6 +51,24 @@ WRITER = textwrap.dedent(
     run.config.update({"prompt": "x" * 70_000})
     run.log({"loss": 9.0})
     run.finish(exit_code=1)
+
+    # A preempted run (steps 0-4, state saved after step 3) resumed by its requeued job.
+    (root / "resumed").mkdir()
+    run = wandb.init(mode="offline", dir=root / "resumed", project="p", id="res001",
+                     resume="allow", settings=settings, config={"trunc": 0.5})
+    for step in range(5):
+        run.log({"loss": float(step)}, step=step)
+    run.summary["error"] = "Preempted: stopped by signal SIGUSR2 after step 3"
+    run.mark_preempting()
+    run.finish(exit_code=1)
+    time.sleep(1.1)  # offline folders are named by the second they start in
+    run = wandb.init(mode="offline", dir=root / "resumed", project="p", id="res001",
+                     resume="allow", settings=settings, config={"trunc": 0.5})
+    for step in range(3, 7):
+        run.log({"loss": 10.0 + step}, step=step)
+    run.summary["error"] = None
+    run.summary["accuracy"] = 0.5
+    run.finish()
     """
 )
 
@@ -158,14 +177,22 @@ def test_corrupt_chunk_names_file(runs_root, tmp_path):
 
 def test_find_and_read_runs(runs_root):
     found = find_runs(runs_root)
-    assert [p.parent.parent.parent.name for p in found] == ["failed", "ok"]
+    assert [p.parent.parent.parent.name for p in found] == ["failed", "ok", "resumed", "resumed"]
     assert all(p.parent.name.startswith("offline-run-") for p in found)
-    assert {r.run_id for r in read_runs(runs_root)} == {"abc123", "fail01"}
+    assert sorted(r.run_id for r in read_runs(runs_root)) == ["abc123", "fail01", "res001"]
+
+
+def test_a_resumed_run_is_one_run_with_the_redone_steps_replaced(runs_root):
+    (run,) = read_runs(runs_root / "resumed", read_history=True)
+    assert run.segments == 2 and run.state == "finished" and run.summary["accuracy"] == 0.5
+    assert [(row["_step"], row["loss"]) for row in run.history] == \
+        [(0, 0.0), (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+    assert run.summary["error"] is None
 
 
 def test_reading_many_runs_is_fast(runs_root, tmp_path):
     src = _log_file(runs_root, "ok")
-    for i in range(300):
+    for i in range(300):  # the same run id in 300 folders: 300 runs, not one resumed run
         _copy_run(src, tmp_path / f"sweep{i}")
     start = time.perf_counter()
     runs = read_runs(tmp_path)

@@ -1,0 +1,116 @@
+"""Evaluation as a job of its own (``eval.separate_job=true``).
+
+The training job saves the checkpoint, closes its record as "evaluating" and submits the evaluation
+with the resources of ``eval.job``. Under Slurm that is an sbatch job which starts only once the
+training job has ended well (``--dependency=afterok:<training job>``): training's GPUs go back to
+the queue at once, and generation (hours for long traces) gets its own time limit and memory.
+Elsewhere it is a separate local process, waited for. The evaluation job reopens the point's
+result.json and W&B run and adds the accuracies; the end-of-sweep summary waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kd_sweeps.tracking import RESULT_FILE, Tracker, read_result, write_json_atomic
+
+log = logging.getLogger(__name__)
+JOB_DIR = "eval_job"  # submitit's files of the evaluation job, inside the point's folder
+
+
+def _executor(cfg: DictConfig, folder: Path, run_id: str):
+    import submitit
+
+    on_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"  # set by submitit inside its jobs
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm" if on_slurm else "local")
+    job = cfg.eval.job
+    params = dict(name=f"eval-{run_id}", timeout_min=job.timeout_min, cpus_per_task=job.cpus_per_task,
+                  mem_gb=job.mem_gb)
+    if job.gpus_per_node is not None:
+        params["gpus_per_node"] = job.gpus_per_node
+    if on_slurm:
+        params.update({f"slurm_{key}": job[key] for key in ("partition", "account", "qos") if job[key]})
+        # SLURM_JOB_ID is this array task's own id. If the training job does not end well the
+        # dependency can never be met: Slurm then cancels the evaluation instead of keeping it queued.
+        params["slurm_additional_parameters"] = {"dependency": f"afterok:{os.environ['SLURM_JOB_ID']}",
+                                                 "kill-on-invalid-dep": "yes", "requeue": True}
+    executor.update_parameters(**params)
+    return executor, "slurm" if on_slurm else "local"
+
+
+def submit(cfg: DictConfig, output_dir: Path, run_id: str) -> dict:
+    """Submit the evaluation of the checkpoint in ``output_dir``; record the job in result.json.
+    Returns the record's summary (with the accuracies when the job ran locally, since it is waited
+    for; without them under Slurm, where the job starts after this one ends)."""
+    import submitit
+
+    record = read_result(output_dir)
+    try:
+        executor, cluster = _executor(cfg, output_dir / JOB_DIR, run_id)
+        # Without this job's SLURM_* variables (array ids, ranks) and its W&B service's address.
+        with submitit.helpers.clean_env(extra_names=("WANDB_SERVICE",)):
+            job = executor.submit(evaluate_point, str(output_dir))
+    except Exception as err:  # e.g. sbatch refused the resources: the point fails, named
+        record.update(status="failed", error=f"evaluation job not submitted: {type(err).__name__}: {err}",
+                      last_action="failed")
+        write_json_atomic(output_dir / RESULT_FILE, record)
+        raise
+    record["summary"]["eval_job"] = {"cluster": cluster, "job_id": str(job.job_id),
+                                     "folder": str(output_dir / JOB_DIR)}
+    write_json_atomic(output_dir / RESULT_FILE, record)
+    log.info("evaluation of %s submitted as %s job %s", run_id, cluster, job.job_id)
+    if cluster == "local":
+        return wait(output_dir, job)
+    return record["summary"]
+
+
+def wait(output_dir: Path, job=None) -> dict:
+    """Wait for the point's evaluation job (``job``, or the one its record names); if the job ended
+    without closing the record (killed, out of time or memory), record the point as failed with the
+    job's state and log. Returns the record's summary."""
+    import submitit
+
+    record = read_result(output_dir)
+    info = record["summary"].get("eval_job")
+    if info is None:  # the training job ended between closing its record and submitting
+        record.update(status="failed", last_action="failed",
+                      error="training finished but its evaluation job was never submitted; rerun the point")
+        write_json_atomic(Path(output_dir) / RESULT_FILE, record)
+        return record["summary"]
+    if job is None:
+        job = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"])
+    try:
+        job.result()
+    except Exception as err:  # the job's own error is in result.json when it got that far
+        log.warning("evaluation job %s of %s: %s", info["job_id"], Path(output_dir).name, err)
+    record = read_result(output_dir)
+    if record["status"] in ("evaluating", "running"):
+        state = job.state  # the scheduler's accounting may lag the job's end by a moment
+        known = f" ({state})" if state not in ("RUNNING", "PENDING", "UNKNOWN") else ""
+        record.update(status="failed", last_action="failed",
+                      error=f"evaluation job {info['job_id']} ended{known} without recording a result; "
+                            f"see {job.paths.stderr}")
+        write_json_atomic(Path(output_dir) / RESULT_FILE, record)
+    return record["summary"]
+
+
+def evaluate_point(output_dir: str) -> dict:
+    """The evaluation job: evaluate ``output_dir/checkpoint`` and complete the point's record."""
+    from kd_sweeps import run
+
+    folder = Path(output_dir)
+    record = read_result(folder)
+    if record is None or record.get("status") != "evaluating":
+        raise RuntimeError(f"{folder / 'result.json'}: expected a point whose training finished "
+                           f"(status 'evaluating'), found {None if record is None else record.get('status')!r}")
+    cfg = OmegaConf.create(record["config"])
+    os.environ.setdefault("WANDB_SILENT", "true")
+    with Tracker.reopen(folder, record, cfg.logger) as tracker:
+        summary = run.evaluate_checkpoint(cfg, folder / "checkpoint")
+        tracker.set_summary(summary)
+    log.info("run %s: accuracy %.3f ± %.3f", tracker.run_id, summary["accuracy"], summary["accuracy_stderr"])
+    return summary

@@ -1,0 +1,83 @@
+"""Evaluation as its own job (eval.separate_job=true): the same point, the same numbers, one run.
+
+Locally the evaluation job is a separate process (submitit's local executor); the Slurm version
+with its ``afterok`` dependency is in tests/test_slurm_jobs.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.load import load
+from analysis.wandb_offline import read_runs
+from kd_sweeps import eval_job
+from kd_sweeps.tracking import write_json_atomic
+from kd_sweeps.validation import ConfigError, validate
+from tests.test_end_to_end import FAST, cache_dir, launch, point_results  # noqa: F401 (fixture)
+
+EVAL_KEYS = ("accuracy", "accuracy_stderr", "eval/synthetic/accuracy", "eval/synthetic/n",
+             "eval/synthetic/generated_tokens", "eval/synthetic/per_problem")
+
+
+def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cache_dir):  # noqa: F811
+    together, apart = tmp_path / "together", tmp_path / "apart"
+    launch(["-m", "trunc=1.0", f"hydra.sweep.dir={together}", *FAST], tmp_path, cache_dir)
+    out = launch(["-m", "trunc=1.0", f"hydra.sweep.dir={apart}", "eval.separate_job=true", *FAST],
+                 tmp_path, cache_dir)
+    assert "1 grid point(s): 1 ran, 0 skipped (already done), 0 failed" in out.stdout
+    (one,), (other,) = point_results(together), point_results(apart)
+    assert one["run_id"] == other["run_id"]  # where it is evaluated is not part of the point
+    assert other["status"] == "ok" and other["error"] is None
+    job = other["summary"]["eval_job"]
+    assert job["cluster"] == "local" and (apart / other["run_id"] / "eval_job").is_dir()
+    for key in EVAL_KEYS:
+        assert other["summary"][key] == one["summary"][key], key
+    # The evaluation job continued the training's W&B run: one run, two segments, finished.
+    (run,) = read_runs(apart / other["run_id"] / "wandb")
+    assert run.segments == 2 and run.state == "finished"
+    assert run.summary["accuracy"] == other["summary"]["accuracy"] and "train_flops" in run.summary
+    frame = load(apart)
+    assert list(frame["status"]) == ["ok"] and frame["accuracy"].notna().all()
+
+
+def test_a_point_whose_evaluation_was_never_submitted_is_failed_not_waited_for(tmp_path):
+    record = {"run_id": "abc", "sweep": "s", "status": "evaluating", "error": None, "overrides": [],
+              "config": {}, "summary": {"train_flops": 1.0}, "last_action": "ran"}
+    write_json_atomic(tmp_path / "result.json", record)
+    eval_job.wait(tmp_path)
+    stored = json.loads((tmp_path / "result.json").read_text())
+    assert stored["status"] == "failed" and "never submitted" in stored["error"]
+    assert stored["summary"] == {"train_flops": 1.0}  # what training recorded is kept
+
+
+def test_evaluate_point_refuses_a_point_that_is_not_waiting_for_evaluation(tmp_path):
+    write_json_atomic(tmp_path / "result.json", {"status": "ok", "config": {}})
+    with pytest.raises(RuntimeError, match="status 'evaluating'.*found 'ok'"):
+        eval_job.evaluate_point(str(tmp_path))
+
+
+def test_evaluation_job_resources_are_validated(compose):
+    cfg = compose(["eval.job.mem_gb=0", "eval.job.timeout_min=-5", "eval.job.gpus_per_node=-1"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for key in ("eval.job.mem_gb=0", "eval.job.timeout_min=-5", "eval.job.gpus_per_node=-1"):
+        assert key in str(err.value)
+
+
+def test_an_evaluation_job_that_dies_fails_its_point_with_the_log_named(tmp_path):
+    import os
+
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "eval_job", cluster="local")
+    job = executor.submit(os._exit, 3)  # killed before it could record anything
+    record = {"run_id": "abc", "sweep": "s", "status": "evaluating", "error": None, "config": {},
+              "summary": {"eval_job": {"cluster": "local", "job_id": job.job_id,
+                                       "folder": str(tmp_path / "eval_job")}}}
+    write_json_atomic(tmp_path / "result.json", record)
+    eval_job.wait(tmp_path, job)
+    stored = json.loads((tmp_path / "result.json").read_text())
+    assert stored["status"] == "failed" and f"evaluation job {job.job_id} ended" in stored["error"]
+    assert str(job.paths.stderr) in stored["error"]
