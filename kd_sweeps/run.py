@@ -54,6 +54,7 @@ def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         record = Tracker(output_dir, point_id, cfg.sweep, resolved, cfg.logger, overrides) if env.is_main \
             else _Unrecorded(point_id)
         with record as tracker:
+            distributed.barrier(env)  # rank 0's record says "running" before another rank reads it
             if cfg.eval.separate_job:  # the record stays open for the evaluation job
                 tracker.status_on_success = "evaluating"
             summary = _train_and_evaluate(cfg, tracker, output_dir, env)
@@ -86,17 +87,26 @@ class _Unrecorded:
         pass
 
 
-def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device) -> tuple:
+def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, env: distributed.DistEnv,
+                    output_dir: Path) -> tuple:
     """The teacher's top-k cache for this (teacher, data, formatting, k, temperature), built once per
-    sweep under a file lock and shared by every grid point; and what its build cost."""
+    sweep under a file lock and shared by every grid point; and what its build cost. In a
+    multi-process point rank 0 builds it (its record says so) while the other ranks wait for it."""
     from kd_sweeps import teacher_cache as tc
 
     key = dict(teacher_id=str(teacher.path), dataset_fingerprint=tc.dataset_fingerprint(encoded),
                formatting=f"{cfg.data.name}:{models.TASK_VERSION}", max_tokens=cfg.data.max_tokens,
                k=cfg.train.teacher_topk, temperature=cfg.loss.temperature)
+    folder = cache_dir / f"teacher-topk-{tc.cache_key(**key)}"
     started = time.perf_counter()
-    cache = tc.build_cache(teacher.model, encoded, cache_dir / f"teacher-topk-{tc.cache_key(**key)}",
-                           cfg.train.teacher_topk, cfg.loss.temperature, 32, device, key=tc.key_fields(**key))
+    if not env.is_main:  # polled, not a collective: a build can outlast the process group's timeout
+        while not (folder / "meta.json").exists():
+            if (read_result(output_dir) or {}).get("status") == "failed":
+                raise RuntimeError(f"rank 0 failed before the teacher cache {folder} was built; see "
+                                   f"{output_dir / RESULT_FILE}")
+            time.sleep(1.0)
+    cache = tc.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk, cfg.loss.temperature, 32,
+                           device, key=tc.key_fields(**key))
     summary = {"teacher_cache_built_here": bool(cache.built), "teacher_cache_path": str(cache.folder),
                "teacher_cache_seconds": time.perf_counter() - started,
                "teacher_cache_build_flops": cache.meta.get("teacher_forward_flops", 0) if cache.built else 0}
@@ -132,7 +142,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     student_model = distributed.shard_student(student.model, env)  # the model itself for one process
     cache_summary: dict = {}
     if cfg.train.teacher_cache == "topk":
-        teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, cache_dir, device)
+        teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, cache_dir, device, env, output_dir)
         teacher_shape = None  # no teacher FLOPs per step; the build is reported once, in the summary
     else:
         teacher_model = distributed.place_teacher(teacher.model, env, cfg.train.teacher_parallel)

@@ -167,9 +167,12 @@ E2E = ["model.teacher.prep_steps=0", "model.teacher.prep_examples=64", "model.te
 
 
 @pytest.mark.slow
-def test_torchrun_point_records_once_and_costs_all_ranks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("teacher", [[], ["train.teacher_cache=topk", "train.teacher_topk=8"]],
+                         ids=["online-teacher", "teacher-cache"])
+def test_torchrun_point_records_once_and_costs_all_ranks(tmp_path, monkeypatch, teacher):
     """``torchrun --nproc_per_node 2 launch.py``: rank 0 alone writes the record, the checkpoint and
-    the W&B run; the summary's token counts are both ranks' together, equal to one process's."""
+    the W&B run; the summary's token counts are both ranks' together, equal to one process's. With
+    the teacher's top-k cache, one rank builds it while the other waits on its lock, then loads it."""
     import json
     import subprocess
     import sys
@@ -181,7 +184,7 @@ def test_torchrun_point_records_once_and_costs_all_ranks(tmp_path, monkeypatch):
            "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(_free_port())]
-    proc = subprocess.run([*torchrun, str(ROOT / "launch.py"), *E2E, "logger=offline",
+    proc = subprocess.run([*torchrun, str(ROOT / "launch.py"), *E2E, *teacher, "logger=offline",
                            f"hydra.run.dir={tmp_path / 'two'}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -191,12 +194,15 @@ def test_torchrun_point_records_once_and_costs_all_ranks(tmp_path, monkeypatch):
     assert not (tmp_path / "two" / "train_state" / "train_state.pt").exists()  # removed once done
 
     monkeypatch.setenv("KD_SWEEPS_CACHE", str(tmp_path / "cache"))  # the models rank 0 prepared
-    cfg = compose_config([*E2E, "logger=disabled"])
+    cfg = compose_config([*E2E, *teacher, "logger=disabled"])
     cfg.output_dir = str(tmp_path / "one")
     one = run.main(cfg)
     for key in ("tokens_trained", "tokens_supervised", "examples_trained_on"):
         assert two["summary"][key] == one[key], key
     assert two["summary"]["final_loss"] == pytest.approx(one["final_loss"], abs=TOLERANCE)
+    if teacher:  # built once, by the two-process run; the one-process run loaded it
+        assert two["summary"]["teacher_cache_built_here"] and not one["teacher_cache_built_here"]
+        assert two["summary"]["teacher_cache_path"] == one["teacher_cache_path"]
 
 
 def _submitit_task() -> dict:
