@@ -281,12 +281,13 @@ def _read_rows(name_or_path: str, source: str, spec: DatasetSpec | None, split: 
     if source == "json":
         path = Path(name_or_path)
         if not path.is_file():
-            raise SourceError(f"data file {name_or_path!r} does not exist")
+            raise SourceError(f"data.path={name_or_path!r}: no such file; data.source=json reads a JSON/JSONL file")
         return read_json_records(path)
     if source == "path":
         path = Path(name_or_path)
         if not path.is_dir():
-            raise SourceError(f"dataset directory {name_or_path!r} does not exist")
+            raise SourceError(f"data.path={name_or_path!r}: no such folder; data.source=path reads a saved "
+                              "dataset or a folder of data files (data.source=json for one file)")
         saved = any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
         loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
         if isinstance(loaded, (datasets.DatasetDict, dict)):

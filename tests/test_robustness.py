@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from kd_sweeps import data, models, teacher_cache
 from kd_sweeps.sources import SourceError, load_reasoning_dataset
@@ -64,7 +63,7 @@ def _file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["data_json_missing", "data_path_is_file", "model_missing", "model_is_file",
+@pytest.mark.parametrize("case", ["model_missing", "model_is_file",
                                   "model_not_safetensors", "benchmark_missing", "output_dir_under_file",
                                   "cache_dir_under_file"])
 def test_local_paths_are_checked_before_any_work(case, tmp_path):
@@ -75,10 +74,6 @@ def test_local_paths_are_checked_before_any_work(case, tmp_path):
     (pt_folder / "model.pt").write_bytes(b"\0" * 8)
     pretrained = ["model.teacher.source=pretrained"]
     overrides, expected = {
-        "data_json_missing": (["data.source=json", f"data.path={tmp_path}/none.jsonl", "eval=math"],
-                              f"data.path='{tmp_path}/none.jsonl': no such file"),
-        "data_path_is_file": (["data.source=path", f"data.path={plain}", "eval=math"],
-                              f"data.path='{plain}': no such folder; data.source=path reads"),
         "model_missing": (pretrained + [f"model.teacher.name_or_path={tmp_path}/qwen"],
                           f"model.teacher.name_or_path='{tmp_path}/qwen': no such folder"),
         "model_is_file": (pretrained + [f"model.teacher.name_or_path={plain}"],
@@ -122,6 +117,15 @@ def test_a_record_with_unusable_markers_is_dropped_counted_and_named(tmp_path, p
     assert f"first dropped: record 3: {reason}" in report.summary()
     with pytest.raises(SourceError, match=f"3 usable records.*record 3: {reason}"):  # too few: named too
         load_reasoning_dataset(str(path), source="json", n_train=3, n_val=1)
+
+
+@pytest.mark.parametrize("source", ["json", "path"])
+def test_a_missing_data_path_names_the_key(tmp_path, source):
+    target = tmp_path / "none.jsonl" if source == "json" else _file(tmp_path)  # a file is no dataset folder
+    what = "no such file; data.source=json reads" if source == "json" else "no such folder; data.source=path reads"
+    with pytest.raises(SourceError) as info:
+        load_reasoning_dataset(str(target), source=source, n_val=1)
+    assert f"data.path='{target}': {what}" in str(info.value)
 
 
 def test_an_empty_dataset_is_named(tmp_path):
@@ -291,25 +295,34 @@ def test_a_lock_held_by_a_killed_process_does_not_block_the_next_run(tmp_path, m
 
 # --- tracking -------------------------------------------------------------------------------------
 
-def _logger(mode: str):
-    return OmegaConf.create({"mode": mode, "project": "kd-sweeps", "entity": None, "tags": []})
+WANDB_ONLINE = """
+import sys, time
+from pathlib import Path
+from omegaconf import OmegaConf
+from kd_sweeps.tracking import Tracker
+logger = OmegaConf.create({"mode": "online", "project": "kd-sweeps", "entity": None, "tags": []})
+started = time.perf_counter()
+try:
+    with Tracker(Path(sys.argv[1]), "abc123", "s", {"trunc": 1.0}, logger):
+        print("the run must not start training without its tracker")
+except RuntimeError as err:
+    print(f"{time.perf_counter() - started:.1f}s", err)
+"""
 
 
-def test_wandb_unreachable_online_fails_fast_names_the_mode_and_is_recorded(tmp_path, monkeypatch):
+def test_wandb_unreachable_online_fails_fast_names_the_mode_and_is_recorded(tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    for key, value in {"WANDB_BASE_URL": f"http://127.0.0.1:{port}", "WANDB_API_KEY": "k" * 40,
-                       "WANDB_INIT_TIMEOUT": "3", "WANDB_CONFIG_DIR": str(tmp_path / "config")}.items():
-        monkeypatch.setenv(key, value)
-    started = time.perf_counter()
-    with pytest.raises(RuntimeError) as info:
-        with Tracker(tmp_path / "point", "abc123", "s", {"trunc": 1.0}, _logger("online")):
-            raise AssertionError("the run must not start training without its tracker")
-    assert time.perf_counter() - started < 30
-    assert "logger.mode=online: W&B did not start" in str(info.value)
-    assert "run with logger.mode=offline" in str(info.value)
+    # In a child: W&B keeps process-wide state (its service) that must not leak into other tests.
+    env = {**child_env(), "WANDB_BASE_URL": f"http://127.0.0.1:{port}", "WANDB_API_KEY": "k" * 40,
+           "WANDB_INIT_TIMEOUT": "3", "WANDB_CONFIG_DIR": str(tmp_path / "config")}
+    env.pop("WANDB_MODE", None)
+    child = subprocess.run([sys.executable, "-c", WANDB_ONLINE, str(tmp_path / "point")], env=env,
+                           capture_output=True, text=True, timeout=120)
+    seconds, _, message = child.stdout.strip().partition("s ")
+    assert float(seconds) < 30, child.stdout + child.stderr
+    assert "logger.mode=online: W&B did not start" in message and "run with logger.mode=offline" in message
     result = json.loads((tmp_path / "point" / RESULT_FILE).read_text())
     assert result["status"] == "failed" and "logger.mode=online" in result["error"]
 
