@@ -82,14 +82,20 @@ def prompt_messages(record: dict) -> list[dict]:
     return [{"role": "user", "content": record["problem"]}]
 
 
+def _tokenizer_name(tokenizer) -> str:
+    return repr(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
 def marker_ids(tokenizer) -> tuple[int, int]:
     """Token ids of ``<think>`` and ``</think>``; a clear error if the tokenizer lacks them."""
     ids = []
     for marker in ("<think>", "</think>"):
         tid = tokenizer.convert_tokens_to_ids(marker)
         if tid is None or tid == tokenizer.unk_token_id:
-            raise DataError(f"the tokenizer has no single token for {marker!r}; the section masks "
-                            "need <think> and </think> as (special) tokens")
+            raise DataError(f"the tokenizer {_tokenizer_name(tokenizer)} has no single token for {marker!r}; "
+                            "the section masks need <think> and </think> as (special) tokens: use a "
+                            "reasoning model's tokenizer (model.student.name_or_path), or add both with "
+                            "tokenizer.add_special_tokens and resize the models' embeddings")
         ids.append(tid)
     return ids[0], ids[1]
 
@@ -97,8 +103,9 @@ def marker_ids(tokenizer) -> tuple[int, int]:
 def encode(records: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[Encoded], EncodeStats]:
     """Template and tokenize every record (no cap), find spans; drop too-long or marker-less ones."""
     if tokenizer.chat_template is None:
-        raise DataError("the tokenizer has no chat template; sequences are rendered with the "
-                        "student tokenizer's template")
+        raise DataError(f"the tokenizer {_tokenizer_name(tokenizer)} has no chat template; sequences are "
+                        "rendered with the student tokenizer's template: use a chat/instruct tokenizer "
+                        "(model.student.name_or_path) or set tokenizer.chat_template in its folder")
     think_id, end_id = marker_ids(tokenizer)
     out, stats = [], EncodeStats()
     for index, record in enumerate(records):
@@ -121,7 +128,8 @@ def encode(records: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[En
     if not out:
         raise DataError(f"no usable training sequence among {len(records)} records "
                         f"({stats.too_long} longer than data.max_tokens={max_tokens}, "
-                        f"{stats.missing_markers} without both markers: {stats.first_errors})")
+                        f"{stats.missing_markers} without both markers: {stats.first_errors}); "
+                        "raise data.max_tokens or check the records' <think>…</think> markers")
     return out, stats
 
 

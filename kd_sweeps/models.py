@@ -58,49 +58,62 @@ def qwen3_config(spec: dict, tokenizer):
 
 
 def embedded_tokenizer(cache_dir: Path):
-    from kd_sweeps.tokenizer import load_or_build_tokenizer
+    from transformers import AutoTokenizer
 
-    path = cache_dir / f"tokenizer-{TASK_VERSION}"
-    with _lock(path):
-        if not (path / "tokenizer.json").exists():
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            from kd_sweeps.tokenizer import build_tokenizer
+    from kd_sweeps.tokenizer import build_tokenizer
 
-            build_tokenizer().save_pretrained(tmp)
-            os.replace(tmp, path)
-    return load_or_build_tokenizer(path)
+    return _cached_or_built(cache_dir / f"tokenizer-{TASK_VERSION}", "tokenizer.json", AutoTokenizer.from_pretrained,
+                            lambda tmp: build_tokenizer().save_pretrained(tmp))
 
 
 def _lock(path: Path):
     from filelock import FileLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    # flock(2): the kernel releases it when its holder dies, so a killed build never blocks the next one.
     return FileLock(str(path) + ".lock")
+
+
+def _cached_or_built(path: Path, marker: str, load, build):
+    """Under the lock of ``path``: ``load(path)`` if the cache folder is complete (``marker`` exists) and
+    readable; otherwise ``build(tmp)`` into a temporary folder, swap it in whole, and load that."""
+    with _lock(path):
+        if (path / marker).exists():
+            try:
+                return load(path)
+            except Exception as err:  # truncated or corrupted files: the cache is rebuilt, not trusted
+                log.warning("cache %s is damaged (%s: %s); rebuilding it", path, type(err).__name__, err)
+        for stale in path.parent.glob(path.name + ".tmp*"):  # a build that died; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        build(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)  # appears complete or not at all
+        return load(path)
 
 
 def prepare_embedded(spec: dict, role: str, tokenizer, cache_dir: Path, attn: str, device) -> PreparedModel:
     """Load the cached embedded model, or build, train and evaluate it first (once, under a lock)."""
     from transformers import Qwen3ForCausalLM
 
+    def build(tmp: Path) -> None:
+        started = time.perf_counter()
+        model = Qwen3ForCausalLM._from_config(qwen3_config(spec, tokenizer), attn_implementation=attn)
+        info = _prepare(model, spec, role, tokenizer, device)
+        info["prep_time_s"] = time.perf_counter() - started
+        info["built_by_pid"] = os.getpid()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "prep.json").write_text(json.dumps(info, indent=2))
+        log.info("prepared embedded %s in %.0f s: held-out accuracy %.3f", role, info["prep_time_s"], info["accuracy"])
+
+    def load(folder: Path) -> tuple:
+        info = json.loads((folder / "prep.json").read_text())
+        return Qwen3ForCausalLM.from_pretrained(folder, attn_implementation=attn), info
+
     path = cache_dir / f"{role}-{embedded_key(spec, role)}"
-    with _lock(path):
-        if not (path / "prep.json").exists():
-            started = time.perf_counter()
-            model = Qwen3ForCausalLM._from_config(qwen3_config(spec, tokenizer), attn_implementation=attn)
-            info = _prepare(model, spec, role, tokenizer, device)
-            info["prep_time_s"] = time.perf_counter() - started
-            info["built_by_pid"] = os.getpid()
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "prep.json").write_text(json.dumps(info, indent=2))
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)  # appears complete or not at all
-            log.info("prepared embedded %s in %.0f s: held-out accuracy %.3f", role,
-                     info["prep_time_s"], info["accuracy"])
-    model = Qwen3ForCausalLM.from_pretrained(path, attn_implementation=attn).to(device)
-    return PreparedModel(model, str(path), json.loads((path / "prep.json").read_text()))
+    model, info = _cached_or_built(path, "prep.json", load, build)
+    return PreparedModel(model.to(device), str(path), info)
 
 
 def _prepare(model, spec: dict, role: str, tokenizer, device) -> dict:
@@ -136,11 +149,27 @@ class _EvalDefaults:
     top_p: float = 1.0
 
 
-def load_pretrained(name_or_path: str, attn: str, trust_remote_code: bool, dtype, device) -> PreparedModel:
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be used, named with its config key and path."""
+
+
+def _from_pretrained(loader, key: str, name_or_path: str, **kwargs):
+    """``loader.from_pretrained``, failing with the config key, the path and what to check."""
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)
+    except Exception as err:
+        raise ModelError(f"{key}={name_or_path!r} could not be loaded ({type(err).__name__}: {err}); check that "
+                         "the folder holds complete files (config.json, *.safetensors, tokenizer files; save them "
+                         "again with save_pretrained) or, for a hub id, that it is spelled right and reachable "
+                         "(HF_HUB_OFFLINE=1 reads only the local HF cache)") from err
+
+
+def load_pretrained(name_or_path: str, attn: str, trust_remote_code: bool, dtype, device,
+                    key: str = "model.name_or_path") -> PreparedModel:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn,
-                                                 trust_remote_code=trust_remote_code, dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM, key, name_or_path, attn_implementation=attn,
+                             trust_remote_code=trust_remote_code, dtype=dtype)
     return PreparedModel(model.to(device), name_or_path, {})
 
 
@@ -151,11 +180,34 @@ def load_tokenizer(cfg, cache_dir: Path):
         return embedded_tokenizer(cache_dir)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(student.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    return _from_pretrained(AutoTokenizer, "model.student.name_or_path", student.name_or_path,
+                            trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _check_vocab(cfg, vocab: dict) -> None:
+    if None not in vocab.values() and vocab["teacher"] != vocab["student"]:
+        t, s = cfg.model.teacher, cfg.model.student
+        raise ModelError(f"model.teacher ({t.name_or_path!r}) has a vocabulary of {vocab['teacher']} tokens, "
+                         f"model.student ({s.name_or_path!r}) of {vocab['student']}: KD compares distributions "
+                         "over the same tokens; choose a teacher and student that share one tokenizer")
+
+
+def _planned_vocab(cfg, role: str, tokenizer):
+    """A model's vocabulary size from its config alone (no weights loaded); None if it does not say."""
+    spec = cfg.model[role]
+    if spec.source == "embedded":
+        return len(tokenizer)
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, f"model.{role}.name_or_path", spec.name_or_path,
+                              trust_remote_code=cfg.model.trust_remote_code)
+    return getattr(config.get_text_config(), "vocab_size", None)
 
 
 def load_pair(cfg, tokenizer, device) -> tuple[PreparedModel, PreparedModel]:
-    """(teacher, student), teacher frozen. Embedded models are prepared on first use."""
+    """(teacher, student), teacher frozen. Embedded models are prepared on first use. A vocabulary
+    mismatch is caught from the configs, before any weights are loaded or models prepared."""
+    _check_vocab(cfg, {role: _planned_vocab(cfg, role, tokenizer) for role in ("teacher", "student")})
     cache_dir = Path(cfg.cache_dir).expanduser()
     loaded = {}
     for role in ("teacher", "student"):
@@ -167,13 +219,10 @@ def load_pair(cfg, tokenizer, device) -> tuple[PreparedModel, PreparedModel]:
         else:
             dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
             loaded[role] = load_pretrained(spec.name_or_path, cfg.model.attn_implementation,
-                                           cfg.model.trust_remote_code, dtype, device)
+                                           cfg.model.trust_remote_code, dtype, device, key=f"model.{role}.name_or_path")
     teacher = loaded["teacher"].model
     teacher.requires_grad_(False)
     teacher.eval()
-    t_vocab = teacher.get_output_embeddings().weight.shape[0]
-    s_vocab = loaded["student"].model.get_output_embeddings().weight.shape[0]
-    if t_vocab != s_vocab:
-        raise ValueError(f"teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab}); "
-                         "KD compares distributions over the same tokens")
+    _check_vocab(cfg, {role: loaded[role].model.get_output_embeddings().weight.shape[0]
+                       for role in ("teacher", "student")})
     return loaded["teacher"], loaded["student"]

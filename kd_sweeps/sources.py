@@ -18,7 +18,7 @@ Schemas (the columns each dataset publishes):
 - ``records``: a file already in the record schema.
 
 A record is usable when its reasoning holds exactly one ``<think>`` before exactly one ``</think>``
-with a non-empty thought, and the problem holds neither marker. Others are dropped from both
+with a non-empty thought and a non-empty answer after it, and the problem holds neither marker. Others are dropped from both
 splits and counted by reason in the report: the section masks cannot be placed on them.
 Token-length filtering is the caller's (``data.encode`` with ``max_tokens``).
 """
@@ -93,9 +93,10 @@ class SourceReport:
 
     def summary(self) -> str:
         reasons = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
+        first = f"; first dropped: {'; '.join(self.first_dropped)}" if self.first_dropped else ""
         return (f"{self.source} [{self.schema}]: {self.rows} rows, {self.filtered_out} filtered out, "
                 f"{self.missing_markers} dropped ({reasons}), {self.think_restored} with <think> "
-                f"restored, {self.kept} kept -> {self.n_train} train / {self.n_val} val")
+                f"restored, {self.kept} kept -> {self.n_train} train / {self.n_val} val{first}")
 
 
 def _problem_hint(text) -> str:
@@ -203,6 +204,8 @@ def _marker_problem(problem: str, reasoning: str) -> str | None:
         return "</think> before <think>"
     if not reasoning[start + len(THINK):end].strip():
         return "empty thought"
+    if not reasoning[end + len(END_THINK):].strip():  # the A section would be template tokens only
+        return "empty answer"
     return None
 
 
@@ -278,12 +281,13 @@ def _read_rows(name_or_path: str, source: str, spec: DatasetSpec | None, split: 
     if source == "json":
         path = Path(name_or_path)
         if not path.is_file():
-            raise SourceError(f"data file {name_or_path!r} does not exist")
+            raise SourceError(f"data.path={name_or_path!r}: no such file; data.source=json reads a JSON/JSONL file")
         return read_json_records(path)
     if source == "path":
         path = Path(name_or_path)
         if not path.is_dir():
-            raise SourceError(f"dataset directory {name_or_path!r} does not exist")
+            raise SourceError(f"data.path={name_or_path!r}: no such folder; data.source=path reads a saved "
+                              "dataset or a folder of data files (data.source=json for one file)")
         saved = any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
         loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
         if isinstance(loaded, (datasets.DatasetDict, dict)):
@@ -355,6 +359,9 @@ def load_reasoning_dataset(name_or_path: str, *, source: str = "hub", n_train: i
         raise SourceError(f"n_train={n_train} and n_val={n_val} must not be negative")
 
     rows = _read_rows(name_or_path, source, spec, split)
+    if len(rows) == 0:
+        raise SourceError(f"{name_or_path!r} ({source}) holds no rows: point data.path at a file or "
+                          "folder with records")
     columns = rows.column_names if hasattr(rows, "column_names") else {k for r in rows[:100] for k in r}
     schema = schema or (spec.schema if spec else infer_schema(columns))
     report = SourceReport(source=spec.hub_id if spec and source == "hub" else name_or_path, schema=schema)

@@ -110,7 +110,8 @@ class TeacherCache:
         try:
             meta = json.loads((folder / "meta.json").read_text())
         except (OSError, ValueError) as err:
-            raise CacheError(f"no readable teacher cache at {folder} ({err}); build it with build_cache") from err
+            raise CacheError(f"no readable teacher cache at {folder} ({err}); build it with build_cache "
+                             f"(a damaged one: delete {folder} and run again)") from err
         if meta.get("format") != FORMAT:
             raise CacheError(f"teacher cache at {folder} has format {meta.get('format')!r}, this code reads "
                              f"{FORMAT!r}; delete the folder to rebuild it")
@@ -237,7 +238,14 @@ def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, 
     if any(len(enc.input_ids) < 1 for enc in encoded):
         raise ValueError("every sequence needs at least one token")
     with _lock(folder):
-        if not (folder / "meta.json").exists():
+        cache = None
+        if (folder / "meta.json").exists():
+            try:
+                cache = TeacherCache.load(folder)
+            except CacheError as err:  # truncated or unreadable files: rebuilt, not trusted
+                log.warning("%s; rebuilding it", err)
+        built = cache is None
+        if built:
             for stale in folder.parent.glob(folder.name + ".tmp*"):  # a build that died; we hold the lock
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
@@ -249,10 +257,7 @@ def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, 
             os.replace(tmp, folder)
             log.info("teacher cache: %d sequences, k=%d, %.1f MB in %.1f s -> %s", len(encoded), k,
                      sum(s["bytes"] for s in meta["shards"]) / 1e6, meta["build_time_s"], folder)
-            built = True
-        else:
-            built = False
-        cache = TeacherCache.load(folder)
+            cache = TeacherCache.load(folder)
     cache.built = built
     cache.check(encoded)
     if (cache.k, cache.temperature) != (k, float(temperature)):

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
+DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded")  # ENOSPC, EFBIG, EDQUOT
 
 
 def now_iso() -> str:
@@ -91,7 +92,15 @@ class Tracker:
     def __enter__(self) -> "Tracker":
         write_json_atomic(self.output_dir / RESULT_FILE, self.result)
         if self.logger_cfg.mode != "disabled":
-            self.wandb_run = self._start_wandb()
+            try:
+                self.wandb_run = self._start_wandb()
+            except Exception as err:  # recorded as failed like any other error, then raised
+                error = RuntimeError(
+                    f"logger.mode={self.logger_cfg.mode}: W&B did not start ({type(err).__name__}: {err}). "
+                    "Check the network, WANDB_BASE_URL and `wandb login` (WANDB_INIT_TIMEOUT bounds the wait), "
+                    "or run with logger.mode=offline and upload later with `wandb sync`")
+                self.__exit__(RuntimeError, error, None)
+                raise error from err
         return self
 
     def _start_wandb(self):
@@ -120,6 +129,9 @@ class Tracker:
         self.result["status"] = "preempted" if preempted else "failed" if failed else self.status_on_success
         if failed:
             self.result["error"] = f"{exc_type.__name__}: {exc}"
+            if any(full in str(exc) for full in DISK_FULL):  # the OS names the limit, not the place
+                self.result["error"] += (f" (writing under output_dir={self.output_dir}: free disk space or "
+                                         "choose another output_dir / hydra.sweep.dir, then rerun the point)")
             self.result["last_action"] = self.result["status"]
         self.result["finished_at"] = now_iso()
         try:

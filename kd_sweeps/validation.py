@@ -7,6 +7,8 @@ fails in a second at launch instead of minutes into one job.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -144,6 +146,57 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
                       f"data.source={cfg.data.source!r}: evaluate on aime24, math500, ... instead")
 
 
+def _looks_local(name_or_path: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything absolute, relative-dotted or deeper is a path."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 \
+        or Path(name_or_path).expanduser().exists()
+
+
+def _check_model_folder(issues: list[str], key: str, name_or_path: str) -> None:
+    folder = Path(name_or_path).expanduser()
+    if not folder.exists():
+        issues.append(f"{key}={name_or_path!r}: no such folder; give a local model folder "
+                      "(save_pretrained) or a hub id such as Qwen/Qwen3-8B")
+    elif not folder.is_dir():
+        issues.append(f"{key}={name_or_path!r}: is a file; give the folder that holds it with "
+                      "config.json (save_pretrained writes both)")
+    elif not (folder / "config.json").is_file():
+        issues.append(f"{key}={name_or_path!r}: no config.json in the folder; save the model with save_pretrained")
+    else:  # a folder with config.json only is fine here: a plan needs no weights
+        readable = [*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json"),
+                    *folder.glob("pytorch_model*.bin")]
+        foreign = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if foreign and not readable:
+            issues.append(f"{key}={name_or_path!r}: no *.safetensors weights (found {foreign}); "
+                          "load it and save it again with save_pretrained, which writes safetensors")
+
+
+def _writable_dir(issues: list[str], key: str, value: str) -> None:
+    """The folder, or the nearest part of it that exists, must be a writable directory."""
+    path = Path(value).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        issues.append(f"{key}={value!r}: {existing} is a file, not a folder; choose another {key}")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        issues.append(f"{key}={value!r}: {existing} is not writable; choose another {key}")
+
+
+def _check_paths(cfg: DictConfig, issues: list[str]) -> None:
+    """Local models and benchmarks the point will read, and folders it will write: missing ones fail
+    now, not after the models are loaded. (A missing data.path is the data loader's to report, first
+    thing in a run: a plan stands in assumed lengths for it.)"""
+    for role in ("teacher", "student"):
+        spec = cfg.model[role]
+        if spec.source == "pretrained" and _looks_local(spec.name_or_path):
+            _check_model_folder(issues, f"model.{role}.name_or_path", spec.name_or_path)
+    for bench, file in (cfg.eval.benchmark_paths or {}).items():
+        if not Path(file).expanduser().is_file():
+            issues.append(f"eval.benchmark_paths.{bench}={file!r}: no such file")
+    _writable_dir(issues, "output_dir", cfg.output_dir)
+    if "embedded" in (cfg.model.teacher.source, cfg.model.student.source) or cfg.train.teacher_cache != "none":
+        _writable_dir(issues, "cache_dir", cfg.cache_dir)
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem in ``cfg`` (a composed, resolvable config)."""
     issues: list[str] = []
@@ -164,5 +217,6 @@ def validate(cfg: DictConfig) -> None:
     _check_data(cfg, issues)
     _check_train_eval(cfg, issues)
     _choice(issues, "logger.mode", cfg.logger.mode, LOGGER_MODES)
+    _check_paths(cfg, issues)
     if issues:
         raise ConfigError(f"{len(issues)} problem(s) in the config:\n  " + "\n  ".join(issues))
