@@ -86,7 +86,8 @@ def _remote_code_model(folder: Path, marker: Path) -> Path:
         "auto_map": {"AutoConfig": "modeling_remote.RemoteConfig",
                      "AutoModelForCausalLM": "modeling_remote.RemoteModel"}}))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "RemoteTokenizer", "auto_map": {"AutoTokenizer": ["modeling_remote.RemoteTokenizer", None]}}))
+        "tokenizer_class": "RemoteTokenizer",
+        "auto_map": {"AutoTokenizer": ["modeling_remote.RemoteTokenizer", None]}}))
     (folder / "modeling_remote.py").write_text(
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
         "from transformers import PretrainedConfig, PreTrainedModel\n"
