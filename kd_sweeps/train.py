@@ -169,7 +169,7 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
             batch_ids = list(next(batches))  # indices into examples, named if the loss is not finite
             chosen = [examples[i] for i in batch_ids]
             metrics, shapes = _optimizer_step(student, teacher, chosen, pad_id, settings, loss,
-                                              optimizer, schedule, device, (step, batch_ids), desc, dist)
+                                              optimizer, schedule, device, step, desc, dist, batch_ids)
             if on_step is not None:
                 on_step(step, metrics, shapes)
             if progress is not None:
@@ -191,10 +191,10 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
 
 
 def _optimizer_step(student, teacher, chosen, pad_id, settings, loss, optimizer, schedule, device,
-                    where: tuple, desc, dist: DistEnv) -> tuple[dict, list]:
-    """One optimizer step over the global batch ``chosen`` (``where``: the step and the examples'
-    indices): this rank's slice of it, split into grad_accum micro-batches. Returns the step's (global) metrics and, per micro-batch of this rank,
-    {"shape": (B, T), "lengths": [...], "supervised": n}."""
+                    step, desc, dist: DistEnv, batch_ids=None) -> tuple[dict, list]:
+    """One optimizer step over the global batch ``chosen`` (examples ``batch_ids``): this rank's slice
+    of it, split into grad_accum micro-batches. Returns the step's (global) metrics and, per
+    micro-batch of this rank, {"shape": (B, T), "lengths": [...], "supervised": n}."""
     started = time.perf_counter()
     # The GLOBAL count normalises every rank's loss (each rank holds the whole batch's examples, so
     # no collective is needed); FSDP then sums the ranks' gradients: the single-process gradient.
@@ -219,7 +219,6 @@ def _optimizer_step(student, teacher, chosen, pad_id, settings, loss, optimizer,
     # so a non-finite loss stops all ranks together).
     ce_sum, kd_sum, total_value = distributed.all_reduce_sum([ce_sum, kd_sum, total_value], dist)
     if not math.isfinite(total_value):
-        step, batch_ids = where
         raise FloatingPointError(f"{desc}: loss is {total_value} at step {step} (ce={ce_sum}, kd={kd_sum}; "
                                  f"batch examples {batch_ids}, lengths {[len(e.input_ids) for e in chosen]})")
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip or float("inf"))
