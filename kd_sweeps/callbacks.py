@@ -71,6 +71,9 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        from kd_sweeps.redact import redact_yaml_files
+
+        redact_yaml_files(sweep_dir)  # Hydra's multirun.yaml holds the command line's overrides
         folders = launched_points(sweep_dir, getattr(self, "started", ""))
         wait_for_evaluations(folders)
         results = [read_result(folder) for folder in folders]

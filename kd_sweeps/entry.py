@@ -14,7 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from kd_sweeps.tracking import RESULT_FILE, now_iso, write_json_atomic
+from kd_sweeps.redact import redact_text, redact_yaml_files
+from kd_sweeps.tracking import RESULT_FILE, now_iso, write_result
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ def run_point(cfg: DictConfig) -> dict:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.output_subdir is not None:  # Hydra saved the config with any token it was given
+        redact_yaml_files(output_dir / hydra_cfg.output_subdir)
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -41,10 +44,10 @@ def run_point(cfg: DictConfig) -> dict:
     except Exception as err:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
-        log.exception("grid point %s failed", " ".join(overrides))
+        log.exception("grid point %s failed", redact_text(" ".join(overrides)))
         # Failed before its record was opened; in a multi-process job only rank 0 writes the record.
         if not (output_dir / RESULT_FILE).exists() and distributed.process_rank() == 0:
-            write_json_atomic(output_dir / RESULT_FILE, {
+            write_result(output_dir, {
                 "run_id": None, "sweep": cfg.sweep, "status": "failed",
                 "error": f"{type(err).__name__}: {err}", "overrides": overrides, "config": None,
                 "summary": {}, "started_at": now_iso(), "finished_at": now_iso(),

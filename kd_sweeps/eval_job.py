@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps.tracking import RESULT_FILE, Tracker, read_result, write_json_atomic
+from kd_sweeps.tracking import Tracker, read_result, write_result
 
 log = logging.getLogger(__name__)
 JOB_DIR = "eval_job"  # submitit's files of the evaluation job, inside the point's folder
@@ -57,11 +57,11 @@ def submit(cfg: DictConfig, output_dir: Path, run_id: str) -> dict:
     except Exception as err:  # e.g. sbatch refused the resources: the point fails, named
         record.update(status="failed", error=f"evaluation job not submitted: {type(err).__name__}: {err}",
                       last_action="failed")
-        write_json_atomic(output_dir / RESULT_FILE, record)
+        write_result(output_dir, record)
         raise
     record["summary"]["eval_job"] = {"cluster": cluster, "job_id": str(job.job_id),
                                      "folder": str(output_dir / JOB_DIR)}
-    write_json_atomic(output_dir / RESULT_FILE, record)
+    write_result(output_dir, record)
     log.info("evaluation of %s submitted as %s job %s", run_id, cluster, job.job_id)
     if cluster == "local":
         return wait(output_dir, job)
@@ -79,7 +79,7 @@ def wait(output_dir: Path, job=None) -> dict:
     if info is None:  # the training job ended between closing its record and submitting
         record.update(status="failed", last_action="failed",
                       error="training finished but its evaluation job was never submitted; rerun the point")
-        write_json_atomic(Path(output_dir) / RESULT_FILE, record)
+        write_result(Path(output_dir), record)
         return record["summary"]
     if job is None:
         job = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"])
@@ -94,7 +94,7 @@ def wait(output_dir: Path, job=None) -> dict:
         record.update(status="failed", last_action="failed",
                       error=f"evaluation job {info['job_id']} ended{known} without recording a result; "
                             f"see {job.paths.stderr}")
-        write_json_atomic(Path(output_dir) / RESULT_FILE, record)
+        write_result(Path(output_dir), record)
     return record["summary"]
 
 

@@ -12,9 +12,12 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
+
+from kd_sweeps.redact import redact
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -36,19 +39,29 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(_json_safe(payload), handle, indent=2, sort_keys=True, allow_nan=False)
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """``payload`` as JSON, atomically (see write_text_atomic); NaN/inf become null."""
+    write_text_atomic(path, json.dumps(_json_safe(payload), indent=2, sort_keys=True, allow_nan=False))
+
+
+def write_result(output_dir: Path, result: dict) -> None:
+    """A point's result.json, atomically and without secrets (kd_sweeps.redact)."""
+    write_json_atomic(Path(output_dir) / RESULT_FILE, redact(result))
 
 
 def read_result(output_dir: Path) -> Optional[dict]:
@@ -61,8 +74,7 @@ def read_result(output_dir: Path) -> Optional[dict]:
 
 def mark_skipped(output_dir: Path, result: dict) -> None:
     """Record that this launch found the point done, so the sweep summary can count it."""
-    write_json_atomic(Path(output_dir) / RESULT_FILE, {**result, "last_action": "skipped",
-                                                       "launched_at": now_iso()})
+    write_result(output_dir, {**result, "last_action": "skipped", "launched_at": now_iso()})
 
 
 class Tracker:
@@ -71,10 +83,11 @@ class Tracker:
     def __init__(self, output_dir: Path, run_id: str, sweep: str, config: dict, logger_cfg,
                  overrides: Optional[list[str]] = None):
         self.output_dir = Path(output_dir)
-        self.run_id, self.sweep, self.config = run_id, sweep, config
+        # Secrets (tokens passed in the config or overrides) are removed before anything is recorded.
+        self.run_id, self.sweep, self.config = run_id, sweep, redact(config)
         self.logger_cfg = logger_cfg
         self.result = {"run_id": run_id, "sweep": sweep, "status": "running", "error": None,
-                       "overrides": list(overrides or []), "config": config, "summary": {},
+                       "overrides": redact(list(overrides or [])), "config": self.config, "summary": {},
                        "started_at": now_iso(), "finished_at": None, "launched_at": now_iso(),
                        "last_action": "ran"}
         self.wandb_run = None
@@ -90,7 +103,7 @@ class Tracker:
         return tracker
 
     def __enter__(self) -> "Tracker":
-        write_json_atomic(self.output_dir / RESULT_FILE, self.result)
+        write_result(self.output_dir, self.result)
         if self.logger_cfg.mode != "disabled":
             try:
                 self.wandb_run = self._start_wandb()
@@ -106,6 +119,15 @@ class Tracker:
     def _start_wandb(self):
         import wandb  # imported here: a config check or a plan never pays for it
 
+        # W&B records the command line (sys.argv) in the run's metadata: give it the redacted one.
+        argv = sys.argv[:]
+        sys.argv[:] = redact(argv)
+        try:
+            return self._init_wandb(wandb)
+        finally:
+            sys.argv[:] = argv
+
+    def _init_wandb(self, wandb):
         return wandb.init(
             project=self.logger_cfg.project, entity=self.logger_cfg.entity, group=self.sweep,
             job_type="train", name=self.run_id, id=self.run_id, resume="allow",
@@ -118,6 +140,7 @@ class Tracker:
             self.wandb_run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
     def set_summary(self, summary: dict) -> None:
+        summary = redact(summary)
         self.result["summary"].update(summary)
         if self.wandb_run is not None:
             for key, value in summary.items():
@@ -128,14 +151,14 @@ class Tracker:
         preempted = failed and _is_preemption(exc)
         self.result["status"] = "preempted" if preempted else "failed" if failed else self.status_on_success
         if failed:
-            self.result["error"] = f"{exc_type.__name__}: {exc}"
+            self.result["error"] = redact(f"{exc_type.__name__}: {exc}")
             if any(full in str(exc) for full in DISK_FULL):  # the OS names the limit, not the place
                 self.result["error"] += (f" (writing under output_dir={self.output_dir}: free disk space or "
                                          "choose another output_dir / hydra.sweep.dir, then rerun the point)")
             self.result["last_action"] = self.result["status"]
         self.result["finished_at"] = now_iso()
         try:
-            write_json_atomic(self.output_dir / RESULT_FILE, self.result)
+            write_result(self.output_dir, self.result)
         finally:
             if self.wandb_run is not None:
                 if failed:  # the W&B record names the error too, not only result.json

@@ -166,9 +166,10 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
     metrics: dict = {}
     with PreemptionGuard() as guard:
         for step in range(first_step, settings.max_steps):
-            chosen = [examples[i] for i in next(batches)]
+            batch_ids = list(next(batches))  # indices into examples, named if the loss is not finite
+            chosen = [examples[i] for i in batch_ids]
             metrics, shapes = _optimizer_step(student, teacher, chosen, pad_id, settings, loss,
-                                              optimizer, schedule, device, step, desc, dist)
+                                              optimizer, schedule, device, step, desc, dist, batch_ids)
             if on_step is not None:
                 on_step(step, metrics, shapes)
             if progress is not None:
@@ -190,10 +191,10 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
 
 
 def _optimizer_step(student, teacher, chosen, pad_id, settings, loss, optimizer, schedule, device,
-                    step, desc, dist: DistEnv) -> tuple[dict, list]:
-    """One optimizer step over the global batch ``chosen``: this rank's slice of it, split into
-    grad_accum micro-batches. Returns the step's (global) metrics and, per micro-batch of this rank,
-    {"shape": (B, T), "lengths": [...], "supervised": n}."""
+                    step, desc, dist: DistEnv, batch_ids=None) -> tuple[dict, list]:
+    """One optimizer step over the global batch ``chosen`` (examples ``batch_ids``): this rank's slice
+    of it, split into grad_accum micro-batches. Returns the step's (global) metrics and, per
+    micro-batch of this rank, {"shape": (B, T), "lengths": [...], "supervised": n}."""
     started = time.perf_counter()
     # The GLOBAL count normalises every rank's loss (each rank holds the whole batch's examples, so
     # no collective is needed); FSDP then sums the ranks' gradients: the single-process gradient.
@@ -218,8 +219,8 @@ def _optimizer_step(student, teacher, chosen, pad_id, settings, loss, optimizer,
     # so a non-finite loss stops all ranks together).
     ce_sum, kd_sum, total_value = distributed.all_reduce_sum([ce_sum, kd_sum, total_value], dist)
     if not math.isfinite(total_value):
-        raise FloatingPointError(f"{desc}: loss is {total_value} at step {step} (ce={ce_sum}, "
-                                 f"kd={kd_sum}; batch lengths {[len(e.input_ids) for e in chosen]})")
+        raise FloatingPointError(f"{desc}: loss is {total_value} at step {step} (ce={ce_sum}, kd={kd_sum}; "
+                                 f"batch examples {batch_ids}, lengths {[len(e.input_ids) for e in chosen]})")
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # a DTensor when the student is sharded: the global norm
         grad_norm = grad_norm.full_tensor()
