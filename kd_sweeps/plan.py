@@ -358,8 +358,15 @@ class _Estimator:
         sequences = train.max_steps * train.batch_size
         point.tokens = sequences * float(lengths.mean())
         point.supervised = sequences * float(supervised.mean())
+        # With the teacher's top-k cache no teacher runs per step (its one build is shared by the sweep).
+        step_teacher = None if train.teacher_cache == "topk" else teacher
         distinct, counts = np.unique(lengths, return_counts=True)
-        per_sequence = sum(int(c) * _sequence_flops(student, teacher, int(t)) for t, c in zip(distinct, counts))
+        per_sequence = sum(int(c) * _sequence_flops(student, step_teacher, int(t))
+                           for t, c in zip(distinct, counts))
+        if train.loss_impl == "chunked":  # output layers on supervised positions only (as CostMeter counts)
+            head = 3 * 2 * student.vocab * student.hidden + (
+                0 if step_teacher is None else 2 * teacher.vocab * teacher.hidden)
+            per_sequence -= head * float((lengths - supervised).sum())
         point.flops = sequences * per_sequence / len(lengths)
         point.exact_tokens = seqs.exact
         weights = 4 if cfg.model.student.source == "embedded" or train.precision == "fp32" else 2

@@ -148,15 +148,21 @@ def encoded():
     return planner.encoded_sequences(data_cfg, build_tokenizer()), encoded_list
 
 
-def test_flops_and_tokens_match_a_replay_of_the_training_loop():
-    """Replay the run's batch sampler through its CostMeter: padding included, the plan is close."""
+@pytest.mark.parametrize("setting", [["trunc=0.6", "sections=cot_ans"], ["trunc=1.0", "sections=ans"],
+                                     ["trunc=1.0", "sections=ans", "train.loss_impl=full"],
+                                     ["trunc=0.6", "sections=cot", "train.teacher_cache=topk"]],
+                         ids=["cot_ans", "ans-chunked", "ans-full-logits", "cot-cached-teacher"])
+def test_flops_and_tokens_match_a_replay_of_the_training_loop(setting):
+    """Replay the run's batch sampler through its CostMeter: padding included, the plan is close.
+    The chunked loss runs the output layers on supervised positions only (a sparse preset such as
+    ``ans`` supervises a few percent of them); a cached teacher runs no forward per step."""
     from kd_sweeps import data
     from kd_sweeps.cost import CostMeter, ModelShape
     from kd_sweeps.models import qwen3_config, spec_dict
     from kd_sweeps.tokenizer import build_tokenizer
     from tests.conftest import compose_config
 
-    overrides = ["trunc=0.6", "sections=cot_ans", "train.grad_accum=2", *SMALL]
+    overrides = [*setting, "train.grad_accum=2", *SMALL]
     predicted = planner.make_plan(overrides).points[0]
     cfg = compose_config(overrides)
     tokenizer = build_tokenizer()
@@ -165,14 +171,16 @@ def test_flops_and_tokens_match_a_replay_of_the_training_loop():
                                          cfg.truncation.cut_after_think, cfg.seed)
     student, teacher = (ModelShape.from_config(qwen3_config(spec_dict(cfg.model[r]), tokenizer))
                         for r in ("student", "teacher"))
-    meter = CostMeter(student, teacher)
+    meter = CostMeter(student, None if cfg.train.teacher_cache == "topk" else teacher,
+                      head_on_supervised_only=cfg.train.loss_impl == "chunked")
     batches = data.length_grouped_batches([len(e.input_ids) for e in examples], cfg.train.batch_size, cfg.seed)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     for _ in range(cfg.train.max_steps):
         chosen = [examples[i] for i in next(batches)]
         for start in range(0, len(chosen), micro):
-            lengths = [len(e.input_ids) for e in chosen[start:start + micro]]
-            meter.add_step((len(lengths), max(lengths)), lengths, 0)
+            part = chosen[start:start + micro]
+            lengths = [len(e.input_ids) for e in part]
+            meter.add_step((len(lengths), max(lengths)), lengths, sum(e.n_supervised for e in part))
     assert predicted.tokens == pytest.approx(meter.tokens_trained, rel=0.03)
     # The run also pays for padding (length-grouped batches keep it small) and draws its own sample.
     assert predicted.flops == pytest.approx(meter.flops_total, rel=0.05)
