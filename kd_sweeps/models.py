@@ -111,7 +111,7 @@ def _prepare(model, spec: dict, role: str, tokenizer, device) -> dict:
 
     model.to(device)
     seed = int(embedded_key(spec, role), 16) % (2**31)
-    records = make_split(spec["prep_examples"], seed, spec["prep_min_steps"], spec["prep_max_steps"])
+    records = make_split(spec["prep_examples"], seed, spec["prep_min_steps"], spec["prep_max_steps"], "prep")
     encoded, _ = data.encode(records, tokenizer, max_tokens=10**6)
     examples, _ = data.training_examples(encoded, ("P", "CoT", "A"), 1.0, "lead", False, seed)
     settings = train.LoopSettings(max_steps=spec["prep_steps"], batch_size=spec["prep_batch_size"],

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps import data, distributed, evaluate, identity, models, train
+from kd_sweeps import data, distributed, evaluate, identity, models, selection, train
 from kd_sweeps.cost import CostMeter, ModelShape
 from kd_sweeps.memory import PeakMemory
 from kd_sweeps.tracking import RESULT_FILE, Tracker, mark_skipped, read_result
@@ -115,6 +115,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     # Evaluation problems are loaded now: a missing benchmark file fails before any training.
     eval_sets = {bench: data.load_records(cfg.data, "test")[: cfg.eval.n_problems] if bench == "synthetic"
                  else evaluate.benchmark_records(bench, cfg.eval) for bench in cfg.eval.benchmarks}
+    selector = selection.for_config(cfg, tokenizer, env, output_dir / "checkpoint")  # None: final weights
     # Embedded models are prepared once and cached; with a process group transformers writes files on
     # rank 0 only, so rank 0 prepares them while the others wait, then they load the cached copies.
     main_first = env.distributed and "embedded" in (cfg.model.teacher.source, cfg.model.student.source)
@@ -142,18 +143,22 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     def on_step(step: int, metrics: dict, micro_batches: list[dict]) -> None:
         for micro in micro_batches:
             meter.add_step(micro["shape"], micro["lengths"], micro["supervised"])
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps - 1:
-            tracker.log_step(step, metrics)
+        val = selector.after_step(step, student_model) if selector else {}  # collective
+        if val or step % cfg.train.log_every == 0 or step == cfg.train.max_steps - 1:
+            tracker.log_step(step, {**metrics, **val})
 
     def get_extra() -> dict:  # every rank calls it at the same step: the state is saved collectively
         elapsed = counters["train_time_s"] + time.perf_counter() - started
         totals = distributed.all_reduce_sum([getattr(meter, k) for k in meter_fields], env)  # all ranks'
-        return {"train_time_s": elapsed, **dict(zip(meter_fields, totals))}
+        return {"train_time_s": elapsed, **dict(zip(meter_fields, totals)),
+                **({"selection": selector.state()} if selector else {})}
 
     def set_extra(extra: dict) -> None:
         counters["train_time_s"] = extra["train_time_s"]
         for key in meter_fields:  # saved totals are all ranks': rank 0 carries them, the others restart at 0
             setattr(meter, key, extra[key] if env.is_main else 0)
+        if selector:
+            selector.restore(extra["selection"])
 
     resume = train.Resume(distributed.train_state(output_dir / "train_state", env), cfg.train.checkpoint_every,
                           get_extra, set_extra)
@@ -167,24 +172,33 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     for key, total in zip(meter_fields, distributed.all_reduce_sum([getattr(meter, k) for k in meter_fields], env)):
         setattr(meter, key, total)
     peak_memory = max(distributed.all_gather(memory.peak_bytes, env))
-    final = distributed.gathered_model(student_model, env)  # collective: the full student on rank 0 only
+    # collective: the full student on rank 0 only (best_val: the best one is on disk already)
+    final = None if selector else distributed.gathered_model(student_model, env)
     # Generation needs the memory more than the frozen teacher and the student's shards do.
     teacher.model = student.model = teacher_model = student_model = None
     if not env.is_main:
         return {}
-    final.save_pretrained(output_dir / "checkpoint")
-    tokenizer.save_pretrained(output_dir / "checkpoint")
+    if selector is None:
+        final.save_pretrained(output_dir / "checkpoint")
+        tokenizer.save_pretrained(output_dir / "checkpoint")
+    engine = evaluate.resolve_engine(cfg.eval.engine, device)
+    if engine == "vllm":  # vLLM loads the checkpoint itself and wants the GPU memory
+        final = None
+    elif selector is not None:
+        final = selection.load_checkpoint(output_dir / "checkpoint", device, cfg.model.attn_implementation)
     summary = {**meter.summary(), "train_time_s": train_time, "peak_memory_bytes": peak_memory,
                "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"),
                "final_kd_loss": last.get("kd_loss"), "examples_trained_on": len(examples),
                "examples_skipped": skipped, "examples_too_long": stats.too_long,
                "examples_missing_markers": stats.missing_markers,
                "teacher_accuracy": teacher.info.get("accuracy"), "base_accuracy": student.info.get("accuracy"),
-               **cache_summary}
+               **cache_summary, **(selector.summary() if selector else {}),
+               "checkpoint_step": selector.best_step if selector else cfg.train.max_steps, "eval_engine": engine}
     summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
     accuracies, stderrs = [], []
     for bench in cfg.eval.benchmarks:
-        result = evaluate.evaluate(final, tokenizer, eval_sets[bench], cfg.eval, device)
+        result = evaluate.evaluate(final, tokenizer, eval_sets[bench], cfg.eval, device,
+                                   checkpoint=output_dir / "checkpoint", seed=cfg.seed)
         summary.update({f"eval/{bench}/accuracy": result.accuracy, f"eval/{bench}/stderr": result.stderr,
                         f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens,
                         f"eval/{bench}/per_problem": result.per_problem})
