@@ -171,9 +171,55 @@ def load_pair(cfg, tokenizer, device) -> tuple[PreparedModel, PreparedModel]:
     teacher = loaded["teacher"].model
     teacher.requires_grad_(False)
     teacher.eval()
-    t_vocab = teacher.get_output_embeddings().weight.shape[0]
-    s_vocab = loaded["student"].model.get_output_embeddings().weight.shape[0]
-    if t_vocab != s_vocab:
-        raise ValueError(f"teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab}); "
-                         "KD compares distributions over the same tokens")
+    check_vocabularies(teacher_tokenizer(cfg, tokenizer), tokenizer, teacher, loaded["student"].model,
+                       names=(_label(cfg.model.teacher), _label(cfg.model.student)))
     return loaded["teacher"], loaded["student"]
+
+
+def _label(spec) -> str:
+    return f"{spec.source} model {spec.name_or_path}"
+
+
+def teacher_tokenizer(cfg, student_tokenizer):
+    """The teacher's own tokenizer: the embedded pair shares one; a pretrained teacher has its own."""
+    teacher, student = cfg.model.teacher, cfg.model.student
+    if teacher.source == "embedded" and student.source == "embedded":
+        return student_tokenizer
+    if teacher.source == "embedded":
+        return embedded_tokenizer(Path(cfg.cache_dir).expanduser())
+    if student.source == "pretrained" and teacher.name_or_path == student.name_or_path:
+        return student_tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(teacher.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def kd_vocab_size(teacher, student) -> int:
+    """Columns of the logits KD compares: the shared first min(V_teacher, V_student). Output layers
+    are often padded past the real vocabulary (Qwen3: 151,669 tokens, 151,936 rows); once
+    ``check_vocabularies`` has passed, the rows past the smaller head are padding in both."""
+    return min(teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0])
+
+
+def check_vocabularies(teacher_tok, student_tok, teacher, student, names=("teacher", "student")) -> int:
+    """KD compares the two models' distributions token by token, so both must map every token to the
+    same id; their output layers may differ only in padding rows past the real vocabulary. Returns
+    ``kd_vocab_size``; raises ValueError naming both models otherwise."""
+    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if t_vocab != s_vocab:
+        differing = sorted((tok for tok in t_vocab.keys() | s_vocab.keys() if t_vocab.get(tok) != s_vocab.get(tok)),
+                           key=lambda tok: min(t_vocab.get(tok, 1 << 62), s_vocab.get(tok, 1 << 62)))
+        shown = ", ".join(f"{tok!r} (teacher id {t_vocab.get(tok, 'absent')}, student id {s_vocab.get(tok, 'absent')})"
+                          for tok in differing[:5])
+        raise ValueError(f"teacher {names[0]} ({len(t_vocab)} tokens) and student {names[1]} ({len(s_vocab)} "
+                         f"tokens) have different vocabularies: {len(differing)} tokens differ, the first: "
+                         f"{shown}. KD compares distributions over the same tokens: pick a pair that shares "
+                         f"its tokenizer")
+    real = max(s_vocab.values()) + 1 if s_vocab else 0
+    heads = [(f"teacher {names[0]}", teacher.get_output_embeddings().weight.shape[0]),
+             (f"student {names[1]}", student.get_output_embeddings().weight.shape[0])]
+    short = [f"{name} ({rows} rows)" for name, rows in heads if rows < real]
+    if short:
+        raise ValueError(f"the output layer of {' and '.join(short)} has fewer rows than the shared "
+                         f"vocabulary's {real} token ids")
+    return kd_vocab_size(teacher, student)

@@ -80,17 +80,22 @@ class _Unrecorded:
         pass
 
 
-def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device) -> tuple:
+def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, vocab: int) -> tuple:
     """The teacher's top-k cache for this (teacher, data, formatting, k, temperature), built once per
-    sweep under a file lock and shared by every grid point; and what its build cost."""
+    sweep under a file lock and shared by every grid point; and what its build cost. ``vocab``: the
+    columns KD compares (fewer than the teacher's rows when the student's head is padded less)."""
     from kd_sweeps import teacher_cache as tc
 
     key = dict(teacher_id=str(teacher.path), dataset_fingerprint=tc.dataset_fingerprint(encoded),
                formatting=f"{cfg.data.name}:{models.TASK_VERSION}", max_tokens=cfg.data.max_tokens,
                k=cfg.train.teacher_topk, temperature=cfg.loss.temperature)
+    fields, suffix = tc.key_fields(**key), ""
+    if vocab != teacher.model.get_output_embeddings().weight.shape[0]:
+        fields["vocab"] = vocab
+        suffix = f"-v{vocab}"
     started = time.perf_counter()
-    cache = tc.build_cache(teacher.model, encoded, cache_dir / f"teacher-topk-{tc.cache_key(**key)}",
-                           cfg.train.teacher_topk, cfg.loss.temperature, 32, device, key=tc.key_fields(**key))
+    cache = tc.build_cache(teacher.model, encoded, cache_dir / f"teacher-topk-{tc.cache_key(**key)}{suffix}",
+                           cfg.train.teacher_topk, cfg.loss.temperature, 32, device, key=fields, vocab_size=vocab)
     summary = {"teacher_cache_built_here": bool(cache.built), "teacher_cache_path": str(cache.folder),
                "teacher_cache_seconds": time.perf_counter() - started,
                "teacher_cache_build_flops": cache.meta.get("teacher_forward_flops", 0) if cache.built else 0}
@@ -129,7 +134,8 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     student_model = distributed.shard_student(student.model, env)  # the model itself for one process
     cache_summary: dict = {}
     if cfg.train.teacher_cache == "topk":
-        teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, cache_dir, device)
+        teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, cache_dir, device,
+                                                       models.kd_vocab_size(teacher.model, student.model))
         teacher_shape = None  # no teacher FLOPs per step; the build is reported once, in the summary
     else:
         teacher_model = distributed.place_teacher(teacher.model, env, cfg.train.teacher_parallel)
