@@ -157,6 +157,9 @@ def load_tokenizer(cfg, cache_dir: Path):
 def load_pair(cfg, tokenizer, device) -> tuple[PreparedModel, PreparedModel]:
     """(teacher, student), teacher frozen. Embedded models are prepared on first use."""
     cache_dir = Path(cfg.cache_dir).expanduser()
+    names = (_label(cfg.model.teacher), _label(cfg.model.student))
+    teacher_tok = teacher_tokenizer(cfg, tokenizer)
+    check_tokenizers(teacher_tok, tokenizer, names)  # before minutes of loading weights
     loaded = {}
     for role in ("teacher", "student"):
         spec = cfg.model[role]
@@ -171,8 +174,7 @@ def load_pair(cfg, tokenizer, device) -> tuple[PreparedModel, PreparedModel]:
     teacher = loaded["teacher"].model
     teacher.requires_grad_(False)
     teacher.eval()
-    check_vocabularies(teacher_tokenizer(cfg, tokenizer), tokenizer, teacher, loaded["student"].model,
-                       names=(_label(cfg.model.teacher), _label(cfg.model.student)))
+    check_vocabularies(teacher_tok, tokenizer, teacher, loaded["student"].model, names)
     return loaded["teacher"], loaded["student"]
 
 
@@ -205,6 +207,19 @@ def check_vocabularies(teacher_tok, student_tok, teacher, student, names=("teach
     """KD compares the two models' distributions token by token, so both must map every token to the
     same id; their output layers may differ only in padding rows past the real vocabulary. Returns
     ``kd_vocab_size``; raises ValueError naming both models otherwise."""
+    s_vocab = check_tokenizers(teacher_tok, student_tok, names)
+    real = max(s_vocab.values()) + 1 if s_vocab else 0
+    heads = [(f"teacher {names[0]}", teacher.get_output_embeddings().weight.shape[0]),
+             (f"student {names[1]}", student.get_output_embeddings().weight.shape[0])]
+    short = [f"{name} ({rows} rows)" for name, rows in heads if rows < real]
+    if short:
+        raise ValueError(f"the output layer of {' and '.join(short)} has fewer rows than the shared "
+                         f"vocabulary's {real} token ids")
+    return kd_vocab_size(teacher, student)
+
+
+def check_tokenizers(teacher_tok, student_tok, names=("teacher", "student")) -> dict:
+    """Raise ValueError unless both tokenizers map every token to the same id; returns the map."""
     t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
     if t_vocab != s_vocab:
         differing = sorted((tok for tok in t_vocab.keys() | s_vocab.keys() if t_vocab.get(tok) != s_vocab.get(tok)),
@@ -215,11 +230,4 @@ def check_vocabularies(teacher_tok, student_tok, teacher, student, names=("teach
                          f"tokens) have different vocabularies: {len(differing)} tokens differ, the first: "
                          f"{shown}. KD compares distributions over the same tokens: pick a pair that shares "
                          f"its tokenizer")
-    real = max(s_vocab.values()) + 1 if s_vocab else 0
-    heads = [(f"teacher {names[0]}", teacher.get_output_embeddings().weight.shape[0]),
-             (f"student {names[1]}", student.get_output_embeddings().weight.shape[0])]
-    short = [f"{name} ({rows} rows)" for name, rows in heads if rows < real]
-    if short:
-        raise ValueError(f"the output layer of {' and '.join(short)} has fewer rows than the shared "
-                         f"vocabulary's {real} token ids")
-    return kd_vocab_size(teacher, student)
+    return s_vocab
