@@ -55,12 +55,12 @@ def load_records(data_cfg, split: str) -> list[dict]:
     """The records of one split: ``train``, ``val`` (checkpoint selection) or ``test`` (the embedded
     task's held-out problems; real datasets are evaluated on benchmarks instead)."""
     if data_cfg.source == "synthetic":
-        # Held-out problems are (start, step, count) combinations that training never sees.
+        # Test and validation problems are (start, step, count) combinations that training never sees.
         if split == "test":
             return make_split(data_cfg.n_test, data_cfg.seed + 1, data_cfg.min_steps, data_cfg.max_steps, "test")
-        size = data_cfg.n_train if split == "train" else data_cfg.n_val or data_cfg.n_test
-        seed = data_cfg.seed if split == "train" else data_cfg.seed + 2
-        return make_split(size, seed, data_cfg.min_steps, data_cfg.max_steps, "train")
+        if split == "val":  # n_val None: every validation combination (about 45)
+            return make_split(data_cfg.n_val or 10**6, data_cfg.seed + 2, data_cfg.min_steps, data_cfg.max_steps, "val")
+        return make_split(data_cfg.n_train, data_cfg.seed, data_cfg.min_steps, data_cfg.max_steps, "train")
     from kd_sweeps.sources import DATASETS, load_reasoning_dataset
 
     train, val, report = load_reasoning_dataset(

@@ -261,6 +261,27 @@ def gathered_model(model, env: DistEnv):
     return full.eval()
 
 
+def cpu_full_model(model, env: DistEnv):
+    """The full model for saving: the model itself for a single process; for a sharded one, a copy
+    on CPU on rank 0 (None elsewhere) built on the meta device and given the gathered tensors, so
+    rank 0's GPU never holds a second copy. Collective: every rank calls it. The copy has the
+    model's own class (a sharded model's class is FSDP's subclass, a name vLLM would not know)."""
+    if not env.distributed:
+        return model
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = get_model_state_dict(model, options=_full_options(cpu_offload=True))  # {} on ranks > 0
+    if not env.is_main:
+        return None
+    with torch.device("meta"):
+        full = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(state.values())).dtype)
+    full.load_state_dict(state, assign=True)
+    full.tie_weights()
+    full.generation_config = copy.deepcopy(model.generation_config)
+    return full
+
+
 class ShardedTrainState(TrainState):
     """Exact resume for a sharded student: FULL model and optimizer state dicts, gathered to rank 0
     (through CPU memory) and written by it alone; on load rank 0 reads the file and broadcasts, so a

@@ -50,13 +50,45 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+ENGINES = ("transformers", "vllm", "auto")
+
+
+def resolve_engine(engine: str, device) -> str:
+    """``auto``: vllm when it is installed and the run is on CUDA, else transformers."""
+    if engine not in ENGINES:
+        raise ValueError(f"eval.engine={engine!r}: must be one of {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine
+    from kd_sweeps.validation import vllm_installed
+
+    return "vllm" if torch.device(device).type == "cuda" and vllm_installed() else "transformers"
+
+
+def chat_prompts(tokenizer, records: Sequence[dict]) -> list[str]:
+    """The prompt of every record as generation sees it: the chat template with the assistant turn
+    opened. Both engines generate from these, tokenized without added special tokens."""
+    return [tokenizer.apply_chat_template(prompt_messages(r), tokenize=False, add_generation_prompt=True)
+            for r in records]
+
+
+def completion_text(tokenizer, ids: Sequence[int]) -> tuple[str, int]:
+    """(text, generated-token count) of one completion's ids: cut after the first end token (counted:
+    it was generated), padding dropped; <think>/</think> are kept, the answer is looked for after them."""
+    ids = list(ids)
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+    else:
+        ids = [t for t in ids if t != tokenizer.pad_token_id]
+    text_ids = [t for t in ids if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
+    return tokenizer.decode(text_ids, skip_special_tokens=False), len(ids)
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, records: Sequence[dict], eval_cfg, device) -> tuple[list[list[str]], int]:
     """Completions for every record (n_samples each) and the number of generated tokens."""
     model.eval()
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    prompts = [tokenizer.apply_chat_template(prompt_messages(r), tokenize=False, add_generation_prompt=True)
-               for r in records]
+    prompts = chat_prompts(tokenizer, records)
     sampling = eval_cfg.temperature > 0
     outputs: list[list[str]] = [[] for _ in records]
     generated = 0
@@ -71,15 +103,9 @@ def generate_answers(model, tokenizer, records: Sequence[dict], eval_cfg, device
                                  **kwargs)
             new = out[:, enc["input_ids"].shape[1]:]  # (B, new tokens)
             for row, tokens in enumerate(new):
-                ids = tokens.tolist()
-                if tokenizer.eos_token_id in ids:
-                    ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-                else:
-                    ids = [t for t in ids if t != tokenizer.pad_token_id]
-                generated += len(ids)
-                # Keep <think>/</think> (special tokens): the answer is looked for after them.
-                text_ids = [t for t in ids if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
-                outputs[start + row].append(tokenizer.decode(text_ids, skip_special_tokens=False))
+                text, count = completion_text(tokenizer, tokens.tolist())
+                generated += count
+                outputs[start + row].append(text)
     return outputs, generated
 
 
@@ -91,8 +117,24 @@ def benchmark_records(name: str, eval_cfg) -> list[dict]:
     return load_benchmark(name, path=path, n=eval_cfg.n_problems, prompt_style=eval_cfg.prompt_style)
 
 
-def evaluate(model, tokenizer, records: Sequence[dict], eval_cfg, device) -> EvalResult:
-    completions, generated = generate_answers(model, tokenizer, records, eval_cfg, device)
+def evaluate(model, tokenizer, records: Sequence[dict], eval_cfg, device, checkpoint=None,
+             seed: int = 0) -> EvalResult:
+    """Generate with ``eval_cfg.engine`` (transformers on ``model``; vLLM from the saved
+    ``checkpoint`` folder, with ``seed``) and score the completions."""
+    engine = resolve_engine(getattr(eval_cfg, "engine", "transformers"), device)
+    if engine == "vllm":
+        from kd_sweeps.generate_vllm import generate_answers_vllm
+
+        if checkpoint is None:
+            raise ValueError("eval.engine=vllm generates from a saved checkpoint folder; none was given")
+        completions, generated = generate_answers_vllm(checkpoint, tokenizer, records, eval_cfg, seed)
+    else:
+        completions, generated = generate_answers(model, tokenizer, records, eval_cfg, device)
+    return score(records, completions, generated)
+
+
+def score(records: Sequence[dict], completions: Sequence[Sequence[str]], generated: int) -> EvalResult:
+    """Accuracy ± standard error over problems from every record's completions (either engine's)."""
     per_problem = []
     for record, samples in zip(records, completions):
         hits = [answers_match(text, record["answer"]) for text in samples]

@@ -124,7 +124,7 @@ def _prepare(model, spec: dict, role: str, tokenizer, device) -> dict:
 
     model.to(device)
     seed = int(embedded_key(spec, role), 16) % (2**31)
-    records = make_split(spec["prep_examples"], seed, spec["prep_min_steps"], spec["prep_max_steps"])
+    records = make_split(spec["prep_examples"], seed, spec["prep_min_steps"], spec["prep_max_steps"], "prep")
     encoded, _ = data.encode(records, tokenizer, max_tokens=10**6)
     examples, _ = data.training_examples(encoded, ("P", "CoT", "A"), 1.0, "lead", False, seed)
     settings = train.LoopSettings(max_steps=spec["prep_steps"], batch_size=spec["prep_batch_size"],
@@ -184,12 +184,15 @@ def load_tokenizer(cfg, cache_dir: Path):
                             trust_remote_code=cfg.model.trust_remote_code)
 
 
-def _check_vocab(cfg, vocab: dict) -> None:
-    if None not in vocab.values() and vocab["teacher"] != vocab["student"]:
-        t, s = cfg.model.teacher, cfg.model.student
-        raise ModelError(f"model.teacher ({t.name_or_path!r}) has a vocabulary of {vocab['teacher']} tokens, "
-                         f"model.student ({s.name_or_path!r}) of {vocab['student']}: KD compares distributions "
-                         "over the same tokens; choose a teacher and student that share one tokenizer")
+def _check_head_rows(cfg, rows: dict, real: int) -> None:
+    """From the configs alone: an output layer needs a row for every id of the shared tokenizer
+    (rows past it are padding, and allowed)."""
+    short = {role: n for role, n in rows.items() if n is not None and n < real}
+    if short:
+        raise ModelError("; ".join(f"model.{role} ({cfg.model[role].name_or_path!r}) has an output layer of {n} "
+                                   f"rows, fewer than the {real} token ids of its tokenizer" for role, n in short.items())
+                         + ": KD compares distributions over the same tokens; choose a checkpoint whose config "
+                         "vocab_size covers its tokenizer")
 
 
 def _planned_vocab(cfg, role: str, tokenizer):
@@ -207,8 +210,12 @@ def _planned_vocab(cfg, role: str, tokenizer):
 def load_pair(cfg, tokenizer, device) -> tuple[PreparedModel, PreparedModel]:
     """(teacher, student), teacher frozen. Embedded models are prepared on first use. A vocabulary
     mismatch is caught from the configs, before any weights are loaded or models prepared."""
-    _check_vocab(cfg, {role: _planned_vocab(cfg, role, tokenizer) for role in ("teacher", "student")})
     cache_dir = Path(cfg.cache_dir).expanduser()
+    names = (_label(cfg.model.teacher), _label(cfg.model.student))
+    teacher_tok = teacher_tokenizer(cfg, tokenizer)
+    shared = check_tokenizers(teacher_tok, tokenizer, names)  # before minutes of loading weights
+    _check_head_rows(cfg, {role: _planned_vocab(cfg, role, tokenizer) for role in ("teacher", "student")},
+                     max(shared.values()) + 1 if shared else 0)
     loaded = {}
     for role in ("teacher", "student"):
         spec = cfg.model[role]
@@ -223,6 +230,60 @@ def load_pair(cfg, tokenizer, device) -> tuple[PreparedModel, PreparedModel]:
     teacher = loaded["teacher"].model
     teacher.requires_grad_(False)
     teacher.eval()
-    _check_vocab(cfg, {role: loaded[role].model.get_output_embeddings().weight.shape[0]
-                       for role in ("teacher", "student")})
+    check_vocabularies(teacher_tok, tokenizer, teacher, loaded["student"].model, names)
     return loaded["teacher"], loaded["student"]
+
+
+def _label(spec) -> str:
+    return f"{spec.source} model {spec.name_or_path}"
+
+
+def teacher_tokenizer(cfg, student_tokenizer):
+    """The teacher's own tokenizer: the embedded pair shares one; a pretrained teacher has its own."""
+    teacher, student = cfg.model.teacher, cfg.model.student
+    if teacher.source == "embedded" and student.source == "embedded":
+        return student_tokenizer
+    if teacher.source == "embedded":
+        return embedded_tokenizer(Path(cfg.cache_dir).expanduser())
+    if student.source == "pretrained" and teacher.name_or_path == student.name_or_path:
+        return student_tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(teacher.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def kd_vocab_size(teacher, student) -> int:
+    """Columns of the logits KD compares: the shared first min(V_teacher, V_student). Output layers
+    are often padded past the real vocabulary (Qwen3: 151,669 tokens, 151,936 rows); once
+    ``check_vocabularies`` has passed, the rows past the smaller head are padding in both."""
+    return min(teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0])
+
+
+def check_vocabularies(teacher_tok, student_tok, teacher, student, names=("teacher", "student")) -> int:
+    """KD compares the two models' distributions token by token, so both must map every token to the
+    same id; their output layers may differ only in padding rows past the real vocabulary. Returns
+    ``kd_vocab_size``; raises ValueError naming both models otherwise."""
+    s_vocab = check_tokenizers(teacher_tok, student_tok, names)
+    real = max(s_vocab.values()) + 1 if s_vocab else 0
+    heads = [(f"teacher {names[0]}", teacher.get_output_embeddings().weight.shape[0]),
+             (f"student {names[1]}", student.get_output_embeddings().weight.shape[0])]
+    short = [f"{name} ({rows} rows)" for name, rows in heads if rows < real]
+    if short:
+        raise ValueError(f"the output layer of {' and '.join(short)} has fewer rows than the shared "
+                         f"vocabulary's {real} token ids")
+    return kd_vocab_size(teacher, student)
+
+
+def check_tokenizers(teacher_tok, student_tok, names=("teacher", "student")) -> dict:
+    """Raise ValueError unless both tokenizers map every token to the same id; returns the map."""
+    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if t_vocab != s_vocab:
+        differing = sorted((tok for tok in t_vocab.keys() | s_vocab.keys() if t_vocab.get(tok) != s_vocab.get(tok)),
+                           key=lambda tok: min(t_vocab.get(tok, 1 << 62), s_vocab.get(tok, 1 << 62)))
+        shown = ", ".join(f"{tok!r} (teacher id {t_vocab.get(tok, 'absent')}, student id {s_vocab.get(tok, 'absent')})"
+                          for tok in differing[:5])
+        raise ValueError(f"teacher {names[0]} ({len(t_vocab)} tokens) and student {names[1]} ({len(s_vocab)} "
+                         f"tokens) have different vocabularies: {len(differing)} tokens differ, the first: "
+                         f"{shown}. KD compares distributions over the same tokens: pick a pair that shares "
+                         f"its tokenizer")
+    return s_vocab

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps import data, distributed, evaluate, identity, models, train
+from kd_sweeps import data, distributed, evaluate, identity, models, selection, train
 from kd_sweeps.cost import CostMeter, ModelShape
 from kd_sweeps.memory import PeakMemory
 from kd_sweeps.tracking import RESULT_FILE, Tracker, mark_skipped, read_result
@@ -87,17 +87,22 @@ class _Unrecorded:
         pass
 
 
-def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, env: distributed.DistEnv,
-                    output_dir: Path) -> tuple:
+def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, vocab: int,
+                    env: distributed.DistEnv, output_dir: Path) -> tuple:
     """The teacher's top-k cache for this (teacher, data, formatting, k, temperature), built once per
-    sweep under a file lock and shared by every grid point; and what its build cost. In a
+    sweep under a file lock and shared by every grid point; and what its build cost. ``vocab``: the
+    columns KD compares (fewer than the teacher's rows when the student's head is padded less). In a
     multi-process point rank 0 builds it (its record says so) while the other ranks wait for it."""
     from kd_sweeps import teacher_cache as tc
 
     key = dict(teacher_id=str(teacher.path), dataset_fingerprint=tc.dataset_fingerprint(encoded),
                formatting=f"{cfg.data.name}:{models.TASK_VERSION}", max_tokens=cfg.data.max_tokens,
                k=cfg.train.teacher_topk, temperature=cfg.loss.temperature)
-    folder = cache_dir / f"teacher-topk-{tc.cache_key(**key)}"
+    fields, suffix = tc.key_fields(**key), ""
+    if vocab != teacher.model.get_output_embeddings().weight.shape[0]:
+        fields["vocab"] = vocab
+        suffix = f"-v{vocab}"
+    folder = cache_dir / f"teacher-topk-{tc.cache_key(**key)}{suffix}"
     started = time.perf_counter()
     if not env.is_main:  # polled, not a collective: a build can outlast the process group's timeout
         while not (folder / "meta.json").exists():
@@ -106,7 +111,7 @@ def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, 
                                    f"{output_dir / RESULT_FILE}")
             time.sleep(1.0)
     cache = tc.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk, cfg.loss.temperature, 32,
-                           device, key=tc.key_fields(**key))
+                           device, key=fields, vocab_size=vocab)
     summary = {"teacher_cache_built_here": bool(cache.built), "teacher_cache_path": str(cache.folder),
                "teacher_cache_seconds": time.perf_counter() - started,
                "teacher_cache_build_flops": cache.meta.get("teacher_forward_flops", 0) if cache.built else 0}
@@ -129,6 +134,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
                              f"truncation.mode={cfg.truncation.mode}; need at least train.batch_size="
                              f"{cfg.train.batch_size}")
     eval_sets = load_eval_sets(cfg)  # loaded now: a missing benchmark file fails before any training
+    selector = selection.for_config(cfg, tokenizer, env, output_dir / "checkpoint")  # None: final weights
     # Embedded models are prepared once and cached; with a process group transformers writes files on
     # rank 0 only, so rank 0 prepares them while the others wait, then they load the cached copies.
     main_first = env.distributed and "embedded" in (cfg.model.teacher.source, cfg.model.student.source)
@@ -142,7 +148,9 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     student_model = distributed.shard_student(student.model, env)  # the model itself for one process
     cache_summary: dict = {}
     if cfg.train.teacher_cache == "topk":
-        teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, cache_dir, device, env, output_dir)
+        teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, cache_dir, device,
+                                                       models.kd_vocab_size(teacher.model, student.model),
+                                                       env, output_dir)
         teacher_shape = None  # no teacher FLOPs per step; the build is reported once, in the summary
     else:
         teacher_model = distributed.place_teacher(teacher.model, env, cfg.train.teacher_parallel)
@@ -156,18 +164,22 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     def on_step(step: int, metrics: dict, micro_batches: list[dict]) -> None:
         for micro in micro_batches:
             meter.add_step(micro["shape"], micro["lengths"], micro["supervised"])
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps - 1:
-            tracker.log_step(step, metrics)
+        val = selector.after_step(step, student_model) if selector else {}  # collective
+        if val or step % cfg.train.log_every == 0 or step == cfg.train.max_steps - 1:
+            tracker.log_step(step, {**metrics, **val})
 
     def get_extra() -> dict:  # every rank calls it at the same step: the state is saved collectively
         elapsed = counters["train_time_s"] + time.perf_counter() - started
         totals = distributed.all_reduce_sum([getattr(meter, k) for k in meter_fields], env)  # all ranks'
-        return {"train_time_s": elapsed, **dict(zip(meter_fields, totals))}
+        return {"train_time_s": elapsed, **dict(zip(meter_fields, totals)),
+                **({"selection": selector.state()} if selector else {})}
 
     def set_extra(extra: dict) -> None:
         counters["train_time_s"] = extra["train_time_s"]
         for key in meter_fields:  # saved totals are all ranks': rank 0 carries them, the others restart at 0
             setattr(meter, key, extra[key] if env.is_main else 0)
+        if selector:
+            selector.restore(extra["selection"])
 
     resume = train.Resume(distributed.train_state(output_dir / "train_state", env), cfg.train.checkpoint_every,
                           get_extra, set_extra)
@@ -181,23 +193,31 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     for key, total in zip(meter_fields, distributed.all_reduce_sum([getattr(meter, k) for k in meter_fields], env)):
         setattr(meter, key, total)
     peak_memory = max(distributed.all_gather(memory.peak_bytes, env))
-    final = distributed.gathered_model(student_model, env)  # collective: the full student on rank 0 only
+    # collective: the full student on rank 0 only (best_val: the best one is on disk already)
+    final = None if selector else distributed.gathered_model(student_model, env)
     # Generation needs the memory more than the frozen teacher and the student's shards do.
     teacher.model = student.model = teacher_model = student_model = None
     if not env.is_main:
         return {}
-    final.save_pretrained(output_dir / "checkpoint")
-    tokenizer.save_pretrained(output_dir / "checkpoint")
+    if selector is None:
+        final.save_pretrained(output_dir / "checkpoint")
+        tokenizer.save_pretrained(output_dir / "checkpoint")
+    engine = evaluate.resolve_engine(cfg.eval.engine, device)
+    if engine == "vllm" or cfg.eval.separate_job:  # vLLM / the evaluation job load the checkpoint themselves
+        final = None
+    elif selector is not None:
+        final = selection.load_checkpoint(output_dir / "checkpoint", device, cfg.model.attn_implementation)
     summary = {**meter.summary(), "train_time_s": train_time, "peak_memory_bytes": peak_memory,
                "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"),
                "final_kd_loss": last.get("kd_loss"), "examples_trained_on": len(examples),
                "examples_skipped": skipped, "examples_too_long": stats.too_long,
                "examples_missing_markers": stats.missing_markers,
                "teacher_accuracy": teacher.info.get("accuracy"), "base_accuracy": student.info.get("accuracy"),
-               **cache_summary}
+               **cache_summary, **(selector.summary() if selector else {}),
+               "checkpoint_step": selector.best_step if selector else cfg.train.max_steps, "eval_engine": engine}
     summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
     if not cfg.eval.separate_job:
-        summary.update(evaluate_model(cfg, final, tokenizer, eval_sets, device))
+        summary.update(evaluate_model(cfg, final, tokenizer, eval_sets, device, output_dir / "checkpoint"))
     resume.state.remove()  # the run is complete: a rerun is skipped, not resumed
     log.info("run %s: accuracy %.3f ± %.3f, %.3g training FLOPs, %.1f s", tracker.run_id,
              summary.get("accuracy", float("nan")), summary.get("accuracy_stderr", float("nan")),
@@ -211,12 +231,14 @@ def load_eval_sets(cfg: DictConfig) -> dict[str, list[dict]]:
             else evaluate.benchmark_records(bench, cfg.eval) for bench in cfg.eval.benchmarks}
 
 
-def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device) -> dict:
-    """Accuracy ± stderr per benchmark, per-problem scores, generated tokens; and their mean."""
+def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device, checkpoint: Path) -> dict:
+    """Accuracy ± stderr per benchmark, per-problem scores, generated tokens; and their mean.
+    ``model`` None: the vLLM engine generates from ``checkpoint`` (the same weights, saved)."""
     summary: dict = {}
     accuracies, stderrs = [], []
     for bench in cfg.eval.benchmarks:
-        result = evaluate.evaluate(model, tokenizer, eval_sets[bench], cfg.eval, device)
+        result = evaluate.evaluate(model, tokenizer, eval_sets[bench], cfg.eval, device,
+                                   checkpoint=checkpoint, seed=cfg.seed)
         summary.update({f"eval/{bench}/accuracy": result.accuracy, f"eval/{bench}/stderr": result.stderr,
                         f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens,
                         f"eval/{bench}/per_problem": result.per_problem})
@@ -229,12 +251,12 @@ def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device) -
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
     """``evaluate_model`` on a saved checkpoint (the evaluation job of ``eval.separate_job``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = distributed.init_distributed(cfg.train.device).device  # one process: no group is joined
-    trust = cfg.model.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", trust_remote_code=trust)
-    return evaluate_model(cfg, model.to(device), tokenizer, load_eval_sets(cfg), device)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=cfg.model.trust_remote_code)
+    engine = evaluate.resolve_engine(cfg.eval.engine, device)
+    model = None if engine == "vllm" else selection.load_checkpoint(checkpoint, device, cfg.model.attn_implementation)
+    return {**evaluate_model(cfg, model, tokenizer, load_eval_sets(cfg), device, checkpoint), "eval_engine": engine}

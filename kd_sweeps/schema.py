@@ -92,6 +92,10 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads for torch; 0 = leave torch's default
     log_every: int = 10
     checkpoint_every: int = 0  # save the exact training state every N steps (0: only on preemption)
+    # Which weights are the run's checkpoint: final (the last step) | best_val (lowest validation CE
+    # on full, untruncated sequences: the paper's selection, one objective for every trunc).
+    checkpoint_selection: str = "final"
+    val_every: int = 0  # best_val: validate every N steps and after the last (0: every tenth of the run)
     device: str = "auto"  # auto | cpu | cuda
     loss_impl: str = "chunked"  # chunked (output layers on supervised positions only) | full
     teacher_cache: str = "none"  # none (teacher runs every step) | topk (its top-k, computed once)
@@ -122,6 +126,9 @@ class EvalConfig:
     n_problems: int = 200  # per benchmark; the embedded test split has data.n_test
     max_new_tokens: int = 256
     batch_size: int = 100
+    # transformers (always available) | vllm (the optional extra, on CUDA) | auto (vllm when it is
+    # installed and the run is on CUDA, else transformers); both give the same results format.
+    engine: str = "transformers"
     n_samples: int = 1  # samples per problem; accuracy = mean over samples (pass@1)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0

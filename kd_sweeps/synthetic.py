@@ -27,6 +27,9 @@ STEPS = (1, 3, -1, -3)
 # 30% of the (start, step, count) combinations that training never sees: a test problem is always
 # new, while every (digit, step) line it needs occurs in other training problems.
 HELD_OUT_FRACTION = 0.3
+# Another fixed 10% of the combinations is the validation split (checkpoint selection): disjoint from
+# the test split and from the KD training split, so selecting a checkpoint never sees either.
+VALIDATION_FRACTION = 0.1
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
@@ -73,10 +76,18 @@ def reasoning_text(problem: Problem) -> str:
     return f"<think>\n{cot}\n</think>\n\nThe result is \\boxed{{{problem.answer}}}."
 
 
+def _digest_byte(problem: Problem) -> int:
+    return hashlib.sha256(f"{problem.start},{problem.step},{problem.count}".encode()).digest()[0]
+
+
 def is_held_out(problem: Problem) -> bool:
-    """Whether the problem's (start, step, count) combination belongs to the held-out split."""
-    digest = hashlib.sha256(f"{problem.start},{problem.step},{problem.count}".encode()).digest()
-    return digest[0] < 256 * HELD_OUT_FRACTION
+    """Whether the problem's (start, step, count) combination belongs to the held-out (test) split."""
+    return _digest_byte(problem) < 256 * HELD_OUT_FRACTION
+
+
+def is_validation(problem: Problem) -> bool:
+    """Whether the combination belongs to the validation split (never held out, never KD-trained on)."""
+    return 256 * HELD_OUT_FRACTION <= _digest_byte(problem) < 256 * (HELD_OUT_FRACTION + VALIDATION_FRACTION)
 
 
 def _record(problem: Problem) -> dict:
@@ -87,20 +98,24 @@ def _record(problem: Problem) -> dict:
 def make_split(n: int, seed: int, min_steps: int = 2, max_steps: int = 12, split: str = "train") -> list[dict]:
     """Records in the schema every data source produces: problem, reasoning (CoT + answer), answer.
 
-    ``train``: n problems drawn (with repeats) from the combinations that are not held out.
-    ``test``: up to n distinct held-out combinations, in a seeded order (there are about 130 with
-    2..12 steps)."""
+    ``train``: n problems drawn (with repeats) from the combinations in neither the test nor the
+    validation split (KD training). ``prep``: the same from every combination not held out for test
+    (how the embedded teacher and base are prepared). ``test``: up to n distinct held-out
+    combinations, in a seeded order (about 130 with 2..12 steps). ``val``: likewise, up to n
+    distinct validation combinations (about 45)."""
+    if split not in ("train", "prep", "val", "test"):
+        raise ValueError(f"split={split!r}: must be one of train, prep, val, test")
     rng = random.Random(seed)
-    if split == "test":
+    if split in ("test", "val"):
         problems = [Problem(start, step, count) for start, step, count in itertools.product(
             range(MODULUS), STEPS, range(min_steps, max_steps + 1))]
-        held_out = [p for p in problems if is_held_out(p)]
-        rng.shuffle(held_out)
-        return [_record(p) for p in held_out[:n]]
+        chosen = [p for p in problems if (is_held_out(p) if split == "test" else is_validation(p))]
+        rng.shuffle(chosen)
+        return [_record(p) for p in chosen[:n]]
     records = []
     while len(records) < n:
         problem = sample_problem(rng, min_steps, max_steps)
-        if not is_held_out(problem):
+        if not is_held_out(problem) and (split == "prep" or not is_validation(problem)):
             records.append(_record(problem))
     return records
 

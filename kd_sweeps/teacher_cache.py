@@ -223,16 +223,18 @@ def _lock(folder: Path):
 
 
 def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, batch_size: int, device,
-                shard_size: int = 1024, key: Optional[dict] = None) -> TeacherCache:
+                shard_size: int = 1024, key: Optional[dict] = None, vocab_size: Optional[int] = None) -> TeacherCache:
     """Load the cache in ``folder``, or run the teacher once over every full sequence and write it.
 
     Under a file lock next to ``folder``: of several processes building the same folder, one builds
     and the others wait, then load it. An existing cache must match ``encoded`` (count, lengths, token
     ids), ``k`` and ``temperature``, else ``CacheError``. ``key`` (``key_fields(...)``) is recorded in
     meta.json. Batches are right-padded (a causal model's real positions never see the padding).
+    ``vocab_size``: use only the head's first rows (a student head padded to fewer rows than the
+    teacher's, ``models.kd_vocab_size``); then it belongs in ``key``.
     """
     folder = Path(folder)
-    vocab = teacher.get_output_embeddings().weight.shape[0]
+    vocab = vocab_size or teacher.get_output_embeddings().weight.shape[0]
     if not 1 <= k < vocab:
         raise ValueError(f"k={k}: must be in [1, V) with V={vocab} (the rest bucket needs an id outside the top k)")
     if any(len(enc.input_ids) < 1 for enc in encoded):
@@ -250,7 +252,7 @@ def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, 
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
             tmp.mkdir(parents=True)
-            meta = _write(teacher, encoded, tmp, k, temperature, batch_size, device, shard_size)
+            meta = _write(teacher, encoded, tmp, k, temperature, batch_size, device, shard_size, vocab)
             meta["key"] = key or {}
             (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence means complete
             shutil.rmtree(folder, ignore_errors=True)  # a folder without meta.json is not a cache
@@ -266,7 +268,7 @@ def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, 
     return cache
 
 
-def _write(teacher, encoded, tmp: Path, k, temperature, batch_size, device, shard_size) -> dict:
+def _write(teacher, encoded, tmp: Path, k, temperature, batch_size, device, shard_size, vocab: int) -> dict:
     """Run the teacher over every sequence and write the shards into ``tmp``; returns meta.json's dict."""
     from safetensors.torch import save_file
 
@@ -281,7 +283,7 @@ def _write(teacher, encoded, tmp: Path, k, temperature, batch_size, device, shar
             for at in range(0, len(order), batch_size):
                 batch = order[at:at + batch_size]
                 tops.update(zip(batch, _teacher_topk(teacher, [encoded[i].input_ids for i in batch], k,
-                                                     temperature, device, stats)))
+                                                     temperature, device, stats, vocab)))
             offsets = list(accumulate((len(encoded[i].input_ids) - 1 for i in members), initial=0))  # (n + 1,)
             name = f"shard-{len(shards):05d}.safetensors"
             save_file({"values": torch.cat([tops[i][0] for i in members]).contiguous(),  # (R, k) fp16
@@ -293,7 +295,7 @@ def _write(teacher, encoded, tmp: Path, k, temperature, batch_size, device, shar
     finally:
         teacher.train(was_training)
     return {"format": FORMAT, "k": k, "temperature": float(temperature), "values_dtype": "float16",
-            "indices_dtype": "int32", "vocab": teacher.get_output_embeddings().weight.shape[0],
+            "indices_dtype": "int32", "vocab": vocab,
             "n_sequences": len(encoded), "lengths": [len(enc.input_ids) for enc in encoded],
             "dataset_fingerprint": dataset_fingerprint(encoded), "shard_size": shard_size, "shards": shards,
             "build_time_s": time.perf_counter() - started, "teacher_real_tokens": stats["real_tokens"],
@@ -332,11 +334,13 @@ def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, temperature: float):
 
 
 @torch.no_grad()
-def _teacher_topk(teacher, sequences, k, temperature, device, stats) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _teacher_topk(teacher, sequences, k, temperature, device, stats,
+                  vocab: Optional[int] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence: top-k values (L - 1, k) fp16 and ids (L - 1, k) int32, on the CPU."""
     from kd_sweeps.cost import ModelShape, forward_flops
 
     hidden, weight, (batch, width) = _teacher_rows(teacher, sequences, device)
+    weight = weight[:vocab]  # (V, H): the columns KD compares
     values = torch.empty(hidden.shape[0], k, dtype=torch.float16)  # (R, k)
     indices = torch.empty(hidden.shape[0], k, dtype=torch.int32)  # (R, k)
     for rows, log_probs in _log_probs(hidden, weight, temperature):

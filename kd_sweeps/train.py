@@ -98,6 +98,14 @@ def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: Los
                 with torch.no_grad():
                     t_hidden, teacher_weight = hidden_and_head(teacher, **inputs)
                 teacher_hidden = t_hidden.flatten(0, 1)[rows]  # (N, Ht)
+            # Heads padded to different sizes (models.check_vocabularies): while the teacher takes
+            # part, both distributions are over the shared first V columns, for CE as for KD (the
+            # full path does the same); a cache was built on those columns (batch["teacher_vocab"]).
+            vocab = teacher_weight.shape[0] if teacher_weight is not None else batch.get("teacher_vocab")
+            if use_teacher and vocab is not None and vocab != weight.shape[0]:
+                vocab = min(weight.shape[0], vocab)
+                weight = weight[:vocab]  # (V, H)
+                teacher_weight = None if teacher_weight is None else teacher_weight[:vocab]  # (V, Ht)
             total, ce, kd, n_here = chunked_kd_ce(
                 hidden.flatten(0, 1)[rows], teacher_hidden, weight, teacher_weight, targets,
                 name=loss.name, kd_ratio=kd_ratio if use_teacher else 0.0, temperature=loss.temperature,
@@ -108,11 +116,15 @@ def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: Los
     n_here = int(mask.sum())
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
         logits = student(**inputs).logits[:, :-1]  # (B, T-1, V)
-    ce = ce_loss(logits, targets.clamp_min(0), mask)
     kd = torch.zeros((), device=logits.device)
+    teacher_logits = None
     if use_teacher:
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             teacher_logits = teacher(**inputs).logits[:, :-1]
+        vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # shared columns of padded heads
+        logits, teacher_logits = logits[..., :vocab], teacher_logits[..., :vocab]  # (B, T-1, V)
+    ce = ce_loss(logits, targets.clamp_min(0), mask)
+    if teacher_logits is not None:
         kd = kd_loss(logits, teacher_logits, mask, loss.name, loss.temperature, loss.beta,
                      loss.alpha, loss.mix)
     total = (1.0 - kd_ratio) * ce + kd_ratio * kd
@@ -208,6 +220,7 @@ def _optimizer_step(student, teacher, chosen, pad_id, settings, loss, optimizer,
         batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
         if isinstance(teacher, CachedTeacher):
             batch["teacher_topk"] = teacher.rows_for(part, device)
+            batch["teacher_vocab"] = teacher.cache.meta["vocab"]  # the columns its top-k were taken over
         shapes.append({"shape": tuple(batch["input_ids"].shape), "lengths": [len(e.input_ids) for e in part],
                        "supervised": sum(e.n_supervised for e in part)})
         scaled, ce, kd = step_losses(student, teacher, batch, n_supervised, loss,

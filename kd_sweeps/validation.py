@@ -24,6 +24,7 @@ PRECISIONS = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 LOGGER_MODES = ("offline", "online", "disabled")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ENGINES = ("transformers", "vllm", "auto")
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,8 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
         if train.loss_impl != "chunked":
             issues.append("train.teacher_cache=topk needs train.loss_impl=chunked")
     _choice(issues, "train.teacher_parallel", train.teacher_parallel, ("replicate", "shard"))
+    _choice(issues, "train.checkpoint_selection", train.checkpoint_selection, ("final", "best_val"))
+    _positive(issues, "train.val_every", train.val_every, strict=False)
     if isinstance(train.batch_size, int) and isinstance(train.grad_accum, int) and train.grad_accum > 0 \
             and train.batch_size % train.grad_accum:
         issues.append(f"train.batch_size={train.batch_size}: must be divisible by "
@@ -137,6 +140,10 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
         _positive(issues, "eval.job.gpus_per_node", ev.job.gpus_per_node, strict=False)
     _positive(issues, "eval.temperature", ev.temperature, strict=False)
     _unit_interval(issues, "eval.top_p", ev.top_p, open_left=True)
+    _choice(issues, "eval.engine", ev.engine, ENGINES)
+    if ev.engine == "vllm" and not vllm_installed():
+        issues.append("eval.engine='vllm': vllm is not installed; install the optional extra "
+                      "(pip install '.[vllm]', on a CUDA machine) or use eval.engine=transformers or auto")
     if not list(ev.benchmarks):
         issues.append("eval.benchmarks=[]: list at least one benchmark")
     for bench in ev.benchmarks:
@@ -195,6 +202,13 @@ def _check_paths(cfg: DictConfig, issues: list[str]) -> None:
     _writable_dir(issues, "output_dir", cfg.output_dir)
     if "embedded" in (cfg.model.teacher.source, cfg.model.student.source) or cfg.train.teacher_cache != "none":
         _writable_dir(issues, "cache_dir", cfg.cache_dir)
+
+
+def vllm_installed() -> bool:
+    """Whether vllm can be imported, without importing it (that takes seconds and wants CUDA)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 def validate(cfg: DictConfig) -> None:

@@ -172,7 +172,8 @@ E2E = ["model.teacher.prep_steps=0", "model.teacher.prep_examples=64", "model.te
 def test_torchrun_point_records_once_and_costs_all_ranks(tmp_path, monkeypatch, teacher):
     """``torchrun --nproc_per_node 2 launch.py``: rank 0 alone writes the record, the checkpoint and
     the W&B run; the summary's token counts are both ranks' together, equal to one process's. With
-    the teacher's top-k cache, one rank builds it while the other waits on its lock, then loads it."""
+    the teacher's top-k cache, one rank builds it while the other waits on its lock, then loads it;
+    with best_val, the validation losses (reduced over ranks) and the saved best weights match too."""
     import json
     import subprocess
     import sys
@@ -184,7 +185,8 @@ def test_torchrun_point_records_once_and_costs_all_ranks(tmp_path, monkeypatch, 
            "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(_free_port())]
-    proc = subprocess.run([*torchrun, str(ROOT / "launch.py"), *E2E, *teacher, "logger=offline",
+    best_val = ["train.checkpoint_selection=best_val", "train.val_every=1", "data.n_val=5"]  # 5: uneven shares
+    proc = subprocess.run([*torchrun, str(ROOT / "launch.py"), *E2E, *teacher, *best_val, "logger=offline",
                            f"hydra.run.dir={tmp_path / 'two'}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -194,15 +196,26 @@ def test_torchrun_point_records_once_and_costs_all_ranks(tmp_path, monkeypatch, 
     assert not (tmp_path / "two" / "train_state" / "train_state.pt").exists()  # removed once done
 
     monkeypatch.setenv("KD_SWEEPS_CACHE", str(tmp_path / "cache"))  # the models rank 0 prepared
-    cfg = compose_config([*E2E, *teacher, "logger=disabled"])
+    cfg = compose_config([*E2E, *teacher, *best_val, "logger=disabled"])
     cfg.output_dir = str(tmp_path / "one")
     one = run.main(cfg)
     for key in ("tokens_trained", "tokens_supervised", "examples_trained_on"):
         assert two["summary"][key] == one[key], key
     assert two["summary"]["final_loss"] == pytest.approx(one["final_loss"], abs=TOLERANCE)
+    assert [s for s, _ in two["summary"]["val_history"]] == [1, 2, 3]
+    assert [v for _, v in two["summary"]["val_history"]] == pytest.approx([v for _, v in one["val_history"]],
+                                                                          abs=TOLERANCE)
+    assert two["summary"]["best_val_step"] == one["best_val_step"]
     if teacher:  # built once, by the two-process run; the one-process run loaded it
         assert two["summary"]["teacher_cache_built_here"] and not one["teacher_cache_built_here"]
         assert two["summary"]["teacher_cache_path"] == one["teacher_cache_path"]
+    from transformers import AutoModelForCausalLM
+
+    saved = [AutoModelForCausalLM.from_pretrained(tmp_path / name / "checkpoint").state_dict() for name in ("two", "one")]
+    config = json.loads((tmp_path / "two" / "checkpoint" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"]  # not FSDP's subclass: vLLM reads this name
+    assert saved[0].keys() == saved[1].keys()
+    assert max((saved[0][k] - saved[1][k]).abs().max().item() for k in saved[0]) < 100 * TOLERANCE
 
 
 def _submitit_task() -> dict:

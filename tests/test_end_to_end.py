@@ -8,6 +8,7 @@ result.json, the end-of-sweep table and plot — is the code a user runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,3 +120,27 @@ def test_cfg_job_and_help(tmp_path, cache_dir):
     for group in ("sections: all, ans, cot, cot_ans, custom, prompt_ans, prompt_cot", "loss:", "model:",
                   "launcher:"):
         assert group in helped.stdout
+
+
+def test_best_val_point_records_validation_and_saves_the_best_checkpoint(tmp_path, cache_dir):
+    """train.checkpoint_selection=best_val: validation losses in result.json and W&B, the best
+    step's weights as the checkpoint (safetensors + tokenizer, loadable by transformers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = tmp_path / "point"
+    launch(["train.checkpoint_selection=best_val", "train.val_every=1", "data.n_val=6", f"hydra.run.dir={run_dir}",
+            *FAST], tmp_path, cache_dir)
+    result = json.loads((run_dir / "result.json").read_text())
+    summary = result["summary"]
+    assert result["status"] == "ok"
+    steps, losses = zip(*summary["val_history"])
+    assert list(steps) == [1, 2, 3] and all(math.isfinite(v) for v in losses)
+    assert summary["best_val_loss"] == min(losses) and summary["best_val_step"] == steps[losses.index(min(losses))]
+    assert summary["checkpoint_step"] == summary["best_val_step"] and summary["val_loss"] == losses[-1]
+    assert (run_dir / "checkpoint" / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    assert len(AutoTokenizer.from_pretrained(run_dir / "checkpoint")) == model.config.vocab_size
+    (run,) = read_runs(run_dir, read_history=True)
+    assert [row["train/val_loss"] for row in run.history if "train/val_loss" in row] == pytest.approx(list(losses))
+    assert run.summary["best_val_step"] == summary["best_val_step"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -50,3 +51,47 @@ def test_generation_counts_tokens_and_scores_each_problem():
     assert result.n == 5 and len(result.per_problem) == 5
     assert 0 < result.generated_tokens <= 5 * 2 * EvalCfg.max_new_tokens
     assert result.accuracy == 0.0  # a random model never writes a boxed answer in 12 tokens
+
+
+def test_both_engines_share_prompts_token_counts_and_scoring():
+    tokenizer = build_tokenizer()
+    records = make_split(2, seed=0)
+    prompts = evaluate.chat_prompts(tokenizer, records)
+    assert prompts[0].endswith("<|im_start|>assistant\n") and records[0]["problem"] in prompts[0]
+    answer = tokenizer("<think>\n1: 2+1=3\n</think>\n\nThe result is \\boxed{3}.", add_special_tokens=False)["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    text, count = evaluate.completion_text(tokenizer, answer + [eos, 7, 8])  # cut after the end token
+    assert count == len(answer) + 1 and text.startswith("<think>") and text.endswith("\\boxed{3}.")
+    assert evaluate.completion_text(tokenizer, answer + [pad, pad]) == (text, len(answer))  # unfinished, padded
+    result = evaluate.score([{"answer": "3"}, {"answer": "4"}], [[text, "no answer"], [text, text]], 9)
+    assert (result.accuracy, result.n, result.generated_tokens, result.per_problem) == (0.25, 2, 9, [0.5, 0.0])
+
+
+def test_engine_choice():
+    assert evaluate.resolve_engine("transformers", "cuda") == "transformers"
+    assert evaluate.resolve_engine("auto", "cpu") == "transformers"  # vLLM serves CUDA only here
+    assert evaluate.resolve_engine("vllm", "cpu") == "vllm"
+    with pytest.raises(ValueError, match="eval.engine='fast'"):
+        evaluate.resolve_engine("fast", "cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
+                    reason="needs the optional vllm extra (pip install '.[vllm]') and a CUDA GPU")
+def test_vllm_path_gives_the_same_results_format(tmp_path):
+    """vLLM generates from the saved checkpoint and reports like transformers does. (Greedy outputs
+    of a random model are not compared token for token: the engines' kernels round differently.)"""
+    tokenizer = build_tokenizer()
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM._from_config(models.qwen3_config({"layers": 1, "hidden": 64, "heads": 2}, tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    records = make_split(6, seed=0)
+
+    class Vllm(EvalCfg):
+        engine = "vllm"
+
+    result = evaluate.evaluate(None, tokenizer, records, Vllm(), torch.device("cuda"), checkpoint=tmp_path, seed=1)
+    assert result.n == 6 and len(result.per_problem) == 6
+    assert 0 < result.generated_tokens <= 6 * Vllm.n_samples * Vllm.max_new_tokens

@@ -182,17 +182,19 @@ def _pretrained_cfg(teacher: str, student: str):
                            "model.student.source=pretrained", f"model.student.name_or_path={student}"])
 
 
-def test_a_vocabulary_mismatch_fails_before_any_weights_load(tiny_hub, tmp_path):
-    teacher = tmp_path / "other-vocab"
+def test_an_output_layer_smaller_than_the_vocabulary_fails_before_any_weights_load(tiny_hub, tmp_path):
+    from transformers import AutoTokenizer
+
+    teacher = tmp_path / "short-head"
     shutil.copytree(tiny_hub, teacher)
     config = json.loads((teacher / "config.json").read_text())
-    (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": 700}))
+    (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": 50}))
     (teacher / "model.safetensors").unlink()  # were the weights read, the error would be about this file
     cfg = _pretrained_cfg(str(teacher), str(tiny_hub))
     with pytest.raises(models.ModelError) as info:
-        models.load_pair(cfg, None, torch.device("cpu"))
-    assert f"model.teacher ('{teacher}') has a vocabulary of 700 tokens" in str(info.value)
-    assert f"of {config['vocab_size']}" in str(info.value) and "share one tokenizer" in str(info.value)
+        models.load_pair(cfg, AutoTokenizer.from_pretrained(tiny_hub), torch.device("cpu"))
+    assert f"model.teacher ('{teacher}') has an output layer of 50 rows, fewer than the" in str(info.value)
+    assert "vocab_size covers its tokenizer" in str(info.value)
 
 
 def test_a_damaged_checkpoint_names_the_key_and_the_folder(tiny_hub, tmp_path):

@@ -24,7 +24,7 @@ def test_running_values_stay_in_range_and_lengths_vary():
 
 
 def test_trace_restates_the_problem_and_works_every_step():
-    record = make_split(1, seed=5, min_steps=4, max_steps=4)[0]
+    record = make_split(1, seed=5, min_steps=4, max_steps=4, split="prep")[0]  # the first draw, unfiltered
     problem = sample_problem(__import__("random").Random(5), 4, 4)
     reasoning = record["reasoning"]
     assert reasoning.startswith("<think>\n") and "\n</think>\n\n" in reasoning

@@ -56,6 +56,9 @@ def test_trunc_outside_unit_interval(value):
          "truncation.mode (with train.teacher_cache=topk)='middle': must be one of lead, left, random_labels"),
         (["train.teacher_cache=topk", "train.loss_impl=full"], "train.teacher_cache=topk needs train.loss_impl=chunked"),
         (["train.teacher_cache=disk"], "train.teacher_cache='disk': must be one of none, topk"),
+        (["train.checkpoint_selection=best"], "train.checkpoint_selection='best': must be one of final, best_val"),
+        (["train.val_every=-1"], "train.val_every=-1: must be >= 0"),
+        (["eval.engine=sglang"], "eval.engine='sglang': must be one of transformers, vllm, auto"),
     ],
 )
 def test_each_bad_value_is_named(overrides, expected):
@@ -88,3 +91,12 @@ def test_wrong_type_is_rejected_by_the_schema():
     with pytest.raises(Exception) as info:
         compose_config(["train.max_steps=many"])
     assert "max_steps" in str(info.value)
+
+
+def test_vllm_engine_without_vllm_names_the_fix(monkeypatch):
+    from kd_sweeps import validation
+
+    monkeypatch.setattr(validation, "vllm_installed", lambda: False)
+    message = problems(["eval.engine=vllm"])
+    assert "eval.engine='vllm': vllm is not installed" in message and "pip install '.[vllm]'" in message
+    validate(compose_config(["eval.engine=auto"]))  # auto falls back to transformers

@@ -22,7 +22,10 @@ def fixture_text() -> list[str]:
     return texts
 
 
-def build_tiny_hub_model(folder: Path, hidden: int = 32, layers: int = 1) -> Path:
+def build_tiny_hub_model(folder: Path, hidden: int = 32, layers: int = 1, padded_rows: int = 0,
+                         bpe_vocab: int = 600) -> Path:
+    """``padded_rows``: embedding/output rows past the tokenizer's (as Qwen3 pads 151,669 to 151,936);
+    ``bpe_vocab``: the BPE vocabulary size (another size gives another token -> id map)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -33,13 +36,13 @@ def build_tiny_hub_model(folder: Path, hidden: int = 32, layers: int = 1) -> Pat
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=bpe_vocab, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(fixture_text(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>",
                                         eos_token="<|im_end|>", additional_special_tokens=SPECIALS[1:])
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+    config = Qwen3Config(vocab_size=len(tokenizer) + padded_rows, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
                          head_dim=hidden // 2, max_position_embeddings=8192, tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
