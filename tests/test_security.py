@@ -107,7 +107,7 @@ def test_remote_code_runs_only_when_asked(tmp_path, compose):
                    f"model.student.name_or_path={folder}", "train.precision=fp32"])
     assert cfg.model.trust_remote_code is False
     with pytest.raises(ValueError, match="trust_remote_code"):
-        models.load_pair(cfg, None, torch.device("cpu"))
+        models.load_pretrained(str(folder), "sdpa", cfg.model.trust_remote_code, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="trust_remote_code"):
         models.load_tokenizer(cfg, tmp_path)
     assert not marker.exists()
@@ -115,7 +115,8 @@ def test_remote_code_runs_only_when_asked(tmp_path, compose):
                        f"model.student.name_or_path={folder}", "train.precision=fp32",
                        "model.trust_remote_code=true"])
     with pytest.raises(Exception):  # the stub model cannot be built; its code has run by then
-        models.load_pair(trusted, None, torch.device("cpu"))
+        models.load_pretrained(str(folder), "sdpa", trusted.model.trust_remote_code, torch.float32,
+                               torch.device("cpu"))
     assert marker.read_text() == "ran"
 
 
