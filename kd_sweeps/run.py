@@ -97,7 +97,7 @@ def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, 
 
     key = dict(teacher_id=str(teacher.path), dataset_fingerprint=tc.dataset_fingerprint(encoded),
                formatting=f"{cfg.data.name}:{models.TASK_VERSION}", max_tokens=cfg.data.max_tokens,
-               k=cfg.train.teacher_topk, temperature=cfg.loss.temperature)
+               k=cfg.train.teacher_topk, temperature=cfg.loss.temperature, precision=cfg.train.precision)
     fields, suffix = tc.key_fields(**key), ""
     if vocab != teacher.model.get_output_embeddings().weight.shape[0]:
         fields["vocab"] = vocab
@@ -111,7 +111,7 @@ def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, 
                                    f"{output_dir / RESULT_FILE}")
             time.sleep(1.0)
     cache = tc.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk, cfg.loss.temperature, 32,
-                           device, key=fields, vocab_size=vocab)
+                           device, key=fields, vocab_size=vocab, autocast=cfg.train.precision == "bf16")
     summary = {"teacher_cache_built_here": bool(cache.built), "teacher_cache_path": str(cache.folder),
                "teacher_cache_seconds": time.perf_counter() - started,
                "teacher_cache_build_flops": cache.meta.get("teacher_forward_flops", 0) if cache.built else 0}

@@ -70,17 +70,22 @@ def check_truncation(mode: str) -> None:
 
 
 def cache_key(teacher_id: str, dataset_fingerprint: str, formatting: str, max_tokens: int, k: int,
-              temperature: float) -> str:
+              temperature: float, precision: str = "fp32") -> str:
     """A short hash of everything the stored rows depend on (see ``key_fields``)."""
-    fields = key_fields(teacher_id, dataset_fingerprint, formatting, max_tokens, k, temperature)
+    fields = key_fields(teacher_id, dataset_fingerprint, formatting, max_tokens, k, temperature, precision)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def key_fields(teacher_id: str, dataset_fingerprint: str, formatting: str, max_tokens: int, k: int,
-               temperature: float) -> dict:
-    """The key as a dict, written into meta.json so a cache folder says what it holds."""
-    return {"format": FORMAT, "teacher": teacher_id, "dataset": dataset_fingerprint, "formatting": formatting,
-            "max_tokens": int(max_tokens), "k": int(k), "temperature": float(temperature)}
+               temperature: float, precision: str = "fp32") -> dict:
+    """The key as a dict, written into meta.json so a cache folder says what it holds. ``precision``:
+    the teacher's forward in fp32 or under bf16 autocast (as the online teacher runs with
+    train.precision=bf16); the two give slightly different rows."""
+    fields = {"format": FORMAT, "teacher": teacher_id, "dataset": dataset_fingerprint, "formatting": formatting,
+              "max_tokens": int(max_tokens), "k": int(k), "temperature": float(temperature)}
+    if precision != "fp32":  # fp32 caches keep the key (and folder name) they had before
+        fields["precision"] = precision
+    return fields
 
 
 def dataset_fingerprint(encoded: Sequence) -> str:
@@ -223,7 +228,8 @@ def _lock(folder: Path):
 
 
 def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, batch_size: int, device,
-                shard_size: int = 1024, key: Optional[dict] = None, vocab_size: Optional[int] = None) -> TeacherCache:
+                shard_size: int = 1024, key: Optional[dict] = None, vocab_size: Optional[int] = None,
+                autocast: bool = False) -> TeacherCache:
     """Load the cache in ``folder``, or run the teacher once over every full sequence and write it.
 
     Under a file lock next to ``folder``: of several processes building the same folder, one builds
@@ -231,7 +237,9 @@ def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, 
     ids), ``k`` and ``temperature``, else ``CacheError``. ``key`` (``key_fields(...)``) is recorded in
     meta.json. Batches are right-padded (a causal model's real positions never see the padding).
     ``vocab_size``: use only the head's first rows (a student head padded to fewer rows than the
-    teacher's, ``models.kd_vocab_size``); then it belongs in ``key``.
+    teacher's, ``models.kd_vocab_size``); then it belongs in ``key``. ``autocast``: run the teacher
+    under bf16 autocast, as the online teacher runs with train.precision=bf16 (about 2x faster on a
+    CPU with bf16 instructions); then ``precision="bf16"`` belongs in ``key``.
     """
     folder = Path(folder)
     vocab = vocab_size or teacher.get_output_embeddings().weight.shape[0]
@@ -252,7 +260,7 @@ def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, 
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
             tmp.mkdir(parents=True)
-            meta = _write(teacher, encoded, tmp, k, temperature, batch_size, device, shard_size, vocab)
+            meta = _write(teacher, encoded, tmp, k, temperature, batch_size, device, shard_size, vocab, autocast)
             meta["key"] = key or {}
             (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence means complete
             shutil.rmtree(folder, ignore_errors=True)  # a folder without meta.json is not a cache
@@ -268,7 +276,8 @@ def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, 
     return cache
 
 
-def _write(teacher, encoded, tmp: Path, k, temperature, batch_size, device, shard_size, vocab: int) -> dict:
+def _write(teacher, encoded, tmp: Path, k, temperature, batch_size, device, shard_size, vocab: int,
+           autocast: bool = False) -> dict:
     """Run the teacher over every sequence and write the shards into ``tmp``; returns meta.json's dict."""
     from safetensors.torch import save_file
 
@@ -283,7 +292,7 @@ def _write(teacher, encoded, tmp: Path, k, temperature, batch_size, device, shar
             for at in range(0, len(order), batch_size):
                 batch = order[at:at + batch_size]
                 tops.update(zip(batch, _teacher_topk(teacher, [encoded[i].input_ids for i in batch], k,
-                                                     temperature, device, stats, vocab)))
+                                                     temperature, device, stats, vocab, autocast)))
             offsets = list(accumulate((len(encoded[i].input_ids) - 1 for i in members), initial=0))  # (n + 1,)
             name = f"shard-{len(shards):05d}.safetensors"
             save_file({"values": torch.cat([tops[i][0] for i in members]).contiguous(),  # (R, k) fp16
@@ -300,7 +309,8 @@ def _write(teacher, encoded, tmp: Path, k, temperature, batch_size, device, shar
             "dataset_fingerprint": dataset_fingerprint(encoded), "shard_size": shard_size, "shards": shards,
             "build_time_s": time.perf_counter() - started, "teacher_real_tokens": stats["real_tokens"],
             "teacher_padded_tokens": stats["padded_tokens"], "teacher_forward_flops": stats["flops"],
-            "teacher_dtype": str(next(teacher.parameters()).dtype), "built_by_pid": os.getpid(),
+            "teacher_dtype": str(next(teacher.parameters()).dtype), "autocast_bf16": autocast,
+            "built_by_pid": os.getpid(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -334,18 +344,20 @@ def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, temperature: float):
 
 
 @torch.no_grad()
-def _teacher_topk(teacher, sequences, k, temperature, device, stats,
-                  vocab: Optional[int] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _teacher_topk(teacher, sequences, k, temperature, device, stats, vocab: Optional[int] = None,
+                  autocast: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence: top-k values (L - 1, k) fp16 and ids (L - 1, k) int32, on the CPU."""
     from kd_sweeps.cost import ModelShape, forward_flops
 
-    hidden, weight, (batch, width) = _teacher_rows(teacher, sequences, device)
-    weight = weight[:vocab]  # (V, H): the columns KD compares
-    values = torch.empty(hidden.shape[0], k, dtype=torch.float16)  # (R, k)
-    indices = torch.empty(hidden.shape[0], k, dtype=torch.int32)  # (R, k)
-    for rows, log_probs in _log_probs(hidden, weight, temperature):
-        top, ids = log_probs.topk(k, dim=-1)  # (c, k), sorted descending
-        values[rows], indices[rows] = top.half().cpu(), ids.int().cpu()
+    values, indices = [], []
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+        hidden, weight, (batch, width) = _teacher_rows(teacher, sequences, device)
+        weight = weight[:vocab]  # (V, H): the columns KD compares
+        for _, log_probs in _log_probs(hidden, weight, temperature):  # fp32 log-softmax either way
+            top, ids = log_probs.topk(k, dim=-1)  # (c, k), sorted descending
+            values.append(top.half().cpu())
+            indices.append(ids.int().cpu())
+    values, indices = torch.cat(values), torch.cat(indices)  # (R, k) fp16, (R, k) int32
     real = sum(len(ids) for ids in sequences)
     shape = ModelShape.from_config(teacher.config)
     # Executed work: the body over the padded batch, the head over the R predicting rows only.

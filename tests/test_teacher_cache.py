@@ -305,3 +305,26 @@ def test_two_processes_build_the_cache_once(tmp_path):
     assert not list(tmp_path.glob("shared-cache.tmp*"))
     assert math.isclose(json.loads((tmp_path / "shared-cache" / "meta.json").read_text())["temperature"],
                         TEMPERATURE)
+
+
+def test_a_bf16_build_stores_the_top_k_of_the_teacher_run_under_autocast(setup, tmp_path):
+    """With train.precision=bf16 the online teacher runs under bf16 autocast; the cache built with
+    ``autocast=True`` holds that teacher's top-k (not the fp32 one's), and says so in its key."""
+    encoded, teacher = setup["encoded"][:4], setup["teacher"]
+    fields = teacher_cache.key_fields("t", "d", "f", 4096, K, TEMPERATURE, precision="bf16")
+    assert fields["precision"] == "bf16" and "precision" not in teacher_cache.key_fields(
+        "t", "d", "f", 4096, K, TEMPERATURE)
+    assert teacher_cache.cache_key("t", "d", "f", 4096, K, TEMPERATURE, "bf16") != \
+        teacher_cache.cache_key("t", "d", "f", 4096, K, TEMPERATURE)
+    cache = build_cache(teacher, encoded, tmp_path / "bf16", K, TEMPERATURE, 2, "cpu", key=fields, autocast=True)
+    assert cache.meta["autocast_bf16"] is True and cache.meta["key"]["precision"] == "bf16"
+    largest_fp32_gap = 0.0
+    for index, enc in enumerate(encoded):
+        ids = torch.tensor([enc.input_ids])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = dense_log_probs(teacher, ids)[0, :-1]  # (L - 1, V)
+        values, top = cache.rows(index, 0, len(enc.input_ids) - 1)
+        assert_is_topk(bf16, values, top)
+        fp32 = dense_log_probs(teacher, ids)[0, :-1]
+        largest_fp32_gap = max(largest_fp32_gap, (fp32.gather(1, top).float() - values).abs().max().item())
+    assert largest_fp32_gap > FP16_TOL  # the two precisions really differ: the key must tell them apart
