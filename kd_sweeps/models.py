@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -28,9 +29,10 @@ TASK_VERSION = "dial-v2"  # bump when the embedded task's text format changes: i
 
 @dataclass
 class PreparedModel:
-    model: torch.nn.Module
+    model: Optional[torch.nn.Module]  # None: a teacher whose top-k cache stands in for its weights
     path: str
     info: dict  # for embedded models: held-out accuracy and preparation cost
+    rows: Optional[int] = None  # output-layer rows, when the weights were not loaded
 
 
 def spec_dict(spec) -> dict:
@@ -195,7 +197,7 @@ def _check_head_rows(cfg, rows: dict, real: int) -> None:
                          "vocab_size covers its tokenizer")
 
 
-def _planned_vocab(cfg, role: str, tokenizer):
+def planned_rows(cfg, role: str, tokenizer):
     """A model's vocabulary size from its config alone (no weights loaded); None if it does not say."""
     spec = cfg.model[role]
     if spec.source == "embedded":
@@ -207,17 +209,38 @@ def _planned_vocab(cfg, role: str, tokenizer):
     return getattr(config.get_text_config(), "vocab_size", None)
 
 
-def load_pair(cfg, tokenizer, device) -> tuple[PreparedModel, PreparedModel]:
+def teacher_without_weights(cfg, tokenizer) -> Optional[PreparedModel]:
+    """The teacher's identity (path, preparation record, output rows) read from files alone, for a
+    point whose teacher top-k cache is built already; None when that needs the weights (an
+    embedded teacher not prepared yet, a config that does not give its vocabulary size)."""
+    spec = cfg.model.teacher
+    if spec.source == "embedded":
+        path = Path(cfg.cache_dir).expanduser() / f"teacher-{embedded_key(spec_dict(spec), 'teacher')}"
+        if not (path / "prep.json").exists():
+            return None
+        return PreparedModel(None, str(path), json.loads((path / "prep.json").read_text()), len(tokenizer))
+    rows = planned_rows(cfg, "teacher", tokenizer)
+    return None if rows is None else PreparedModel(None, spec.name_or_path, {}, rows)
+
+
+def output_rows(prepared: PreparedModel) -> int:
+    if prepared.model is None:
+        return prepared.rows
+    return prepared.model.get_output_embeddings().weight.shape[0]
+
+
+def load_pair(cfg, tokenizer, device, teacher: Optional[PreparedModel] = None) -> tuple[PreparedModel, PreparedModel]:
     """(teacher, student), teacher frozen. Embedded models are prepared on first use. A vocabulary
-    mismatch is caught from the configs, before any weights are loaded or models prepared."""
+    mismatch is caught from the configs, before any weights are loaded or models prepared.
+    ``teacher``: a stand-in from ``teacher_without_weights``, used instead of loading the teacher."""
     cache_dir = Path(cfg.cache_dir).expanduser()
     names = (_label(cfg.model.teacher), _label(cfg.model.student))
     teacher_tok = teacher_tokenizer(cfg, tokenizer)
     shared = check_tokenizers(teacher_tok, tokenizer, names)  # before minutes of loading weights
-    _check_head_rows(cfg, {role: _planned_vocab(cfg, role, tokenizer) for role in ("teacher", "student")},
+    _check_head_rows(cfg, {role: planned_rows(cfg, role, tokenizer) for role in ("teacher", "student")},
                      max(shared.values()) + 1 if shared else 0)
-    loaded = {}
-    for role in ("teacher", "student"):
+    loaded = {} if teacher is None else {"teacher": teacher}
+    for role in [r for r in ("teacher", "student") if r not in loaded]:
         spec = cfg.model[role]
         if spec.source == "embedded":
             label = "teacher" if role == "teacher" else "base"
@@ -227,10 +250,10 @@ def load_pair(cfg, tokenizer, device) -> tuple[PreparedModel, PreparedModel]:
             dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
             loaded[role] = load_pretrained(spec.name_or_path, cfg.model.attn_implementation,
                                            cfg.model.trust_remote_code, dtype, device, key=f"model.{role}.name_or_path")
-    teacher = loaded["teacher"].model
-    teacher.requires_grad_(False)
-    teacher.eval()
-    check_vocabularies(teacher_tok, tokenizer, teacher, loaded["student"].model, names)
+    if teacher is None:  # a stand-in's rows were checked from its config above
+        loaded["teacher"].model.requires_grad_(False)
+        loaded["teacher"].model.eval()
+        check_vocabularies(teacher_tok, tokenizer, loaded["teacher"].model, loaded["student"].model, names)
     return loaded["teacher"], loaded["student"]
 
 

@@ -87,22 +87,46 @@ class _Unrecorded:
         pass
 
 
-def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, vocab: int,
-                    env: distributed.DistEnv, output_dir: Path) -> tuple:
-    """The teacher's top-k cache for this (teacher, data, formatting, k, temperature), built once per
-    sweep under a file lock and shared by every grid point; and what its build cost. ``vocab``: the
-    columns KD compares (fewer than the teacher's rows when the student's head is padded less). In a
-    multi-process point rank 0 builds it (its record says so) while the other ranks wait for it."""
+def _teacher_cache_folder(cfg: DictConfig, teacher_path: str, teacher_rows: int, vocab: int, encoded,
+                          cache_dir: Path) -> tuple[Path, dict]:
+    """Where the teacher's top-k cache for this (teacher, data, formatting, k, temperature,
+    precision, compared columns) lives, and its key."""
     from kd_sweeps import teacher_cache as tc
 
-    key = dict(teacher_id=str(teacher.path), dataset_fingerprint=tc.dataset_fingerprint(encoded),
+    key = dict(teacher_id=str(teacher_path), dataset_fingerprint=tc.dataset_fingerprint(encoded),
                formatting=f"{cfg.data.name}:{models.TASK_VERSION}", max_tokens=cfg.data.max_tokens,
                k=cfg.train.teacher_topk, temperature=cfg.loss.temperature, precision=cfg.train.precision)
     fields, suffix = tc.key_fields(**key), ""
-    if vocab != teacher.model.get_output_embeddings().weight.shape[0]:
+    if vocab != teacher_rows:
         fields["vocab"] = vocab
         suffix = f"-v{vocab}"
-    folder = cache_dir / f"teacher-topk-{tc.cache_key(**key)}{suffix}"
+    return cache_dir / f"teacher-topk-{tc.cache_key(**key)}{suffix}", fields
+
+
+def _ready_teacher_cache(cfg: DictConfig, tokenizer, encoded, cache_dir: Path):
+    """The teacher's stand-in (no weights) when its top-k cache is built already, else None: a point
+    that only reads the cache never loads the teacher (at paper scale, 16 GB and a minute per point)."""
+    if cfg.train.teacher_cache != "topk":
+        return None
+    stand_in = models.teacher_without_weights(cfg, tokenizer)
+    student_rows = models.planned_rows(cfg, "student", tokenizer)
+    if stand_in is None or student_rows is None:
+        return None
+    folder, _ = _teacher_cache_folder(cfg, stand_in.path, stand_in.rows, min(stand_in.rows, student_rows),
+                                      encoded, cache_dir)
+    return stand_in if (folder / "meta.json").exists() else None
+
+
+def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, vocab: int,
+                    env: distributed.DistEnv, output_dir: Path) -> tuple:
+    """The teacher's top-k cache, built once per sweep under a file lock and shared by every grid
+    point; and what its build cost. ``vocab``: the columns KD compares (fewer than the teacher's
+    rows when the student's head is padded less). In a multi-process point rank 0 builds it (its
+    record says so) while the other ranks wait for it."""
+    from kd_sweeps import teacher_cache as tc
+
+    folder, fields = _teacher_cache_folder(cfg, teacher.path, models.output_rows(teacher), vocab, encoded,
+                                           cache_dir)
     started = time.perf_counter()
     if not env.is_main:  # polled, not a collective: a build can outlast the process group's timeout
         while not (folder / "meta.json").exists():
@@ -113,7 +137,7 @@ def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, 
     cache = tc.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk, cfg.loss.temperature, 32,
                            device, key=fields, vocab_size=vocab, autocast=cfg.train.precision == "bf16")
     summary = {"teacher_cache_built_here": bool(cache.built), "teacher_cache_path": str(cache.folder),
-               "teacher_cache_seconds": time.perf_counter() - started,
+               "teacher_cache_seconds": time.perf_counter() - started, "teacher_loaded": teacher.model is not None,
                "teacher_cache_build_flops": cache.meta.get("teacher_forward_flops", 0) if cache.built else 0}
     return train.CachedTeacher(cache), summary
 
@@ -140,7 +164,8 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     main_first = env.distributed and "embedded" in (cfg.model.teacher.source, cfg.model.student.source)
     if main_first and not env.is_main:
         distributed.barrier(env)
-    teacher, student = models.load_pair(cfg, tokenizer, device)
+    teacher, student = models.load_pair(cfg, tokenizer, device,
+                                        teacher=_ready_teacher_cache(cfg, tokenizer, encoded, cache_dir))
     if main_first and env.is_main:
         distributed.barrier(env)
     if cfg.train.activation_checkpointing:  # each layer's activations are recomputed in backward
@@ -149,7 +174,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     cache_summary: dict = {}
     if cfg.train.teacher_cache == "topk":
         teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, cache_dir, device,
-                                                       models.kd_vocab_size(teacher.model, student.model),
+                                                       min(models.output_rows(teacher), models.output_rows(student)),
                                                        env, output_dir)
         teacher_shape = None  # no teacher FLOPs per step; the build is reported once, in the summary
     else:

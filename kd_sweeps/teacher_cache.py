@@ -231,6 +231,7 @@ def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, 
                 shard_size: int = 1024, key: Optional[dict] = None, vocab_size: Optional[int] = None,
                 autocast: bool = False) -> TeacherCache:
     """Load the cache in ``folder``, or run the teacher once over every full sequence and write it.
+    ``teacher`` may be None when the cache is known to be complete (then ``vocab_size`` is needed).
 
     Under a file lock next to ``folder``: of several processes building the same folder, one builds
     and the others wait, then load it. An existing cache must match ``encoded`` (count, lengths, token
@@ -242,7 +243,7 @@ def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, 
     CPU with bf16 instructions); then ``precision="bf16"`` belongs in ``key``.
     """
     folder = Path(folder)
-    vocab = vocab_size or teacher.get_output_embeddings().weight.shape[0]
+    vocab = vocab_size or teacher.get_output_embeddings().weight.shape[0]  # teacher None: vocab_size given
     if not 1 <= k < vocab:
         raise ValueError(f"k={k}: must be in [1, V) with V={vocab} (the rest bucket needs an id outside the top k)")
     if any(len(enc.input_ids) < 1 for enc in encoded):
@@ -255,6 +256,9 @@ def build_cache(teacher, encoded: Sequence, folder, k: int, temperature: float, 
             except CacheError as err:  # truncated or unreadable files: rebuilt, not trusted
                 log.warning("%s; rebuilding it", err)
         built = cache is None
+        if built and teacher is None:
+            raise CacheError(f"{folder}: no usable teacher cache there, and the teacher was not loaded to "
+                             "build one (it was complete when the run looked); run the point again")
         if built:
             for stale in folder.parent.glob(folder.name + ".tmp*"):  # a build that died; we hold the lock
                 shutil.rmtree(stale, ignore_errors=True)

@@ -328,3 +328,35 @@ def test_a_bf16_build_stores_the_top_k_of_the_teacher_run_under_autocast(setup, 
         fp32 = dense_log_probs(teacher, ids)[0, :-1]
         largest_fp32_gap = max(largest_fp32_gap, (fp32.gather(1, top).float() - values).abs().max().item())
     assert largest_fp32_gap > FP16_TOL  # the two precisions really differ: the key must tell them apart
+
+
+def test_a_point_reading_a_built_cache_never_loads_the_teacher(tmp_path, monkeypatch):
+    """The first point builds the cache (teacher loaded); a later point of the sweep only reads it
+    and trains exactly as it would with the teacher loaded, without preparing or loading it."""
+    from kd_sweeps import models, run
+    from tests.conftest import compose_config
+    from tests.test_end_to_end import FAST
+
+    monkeypatch.setenv("KD_SWEEPS_CACHE", str(tmp_path / "cache"))
+
+    def point(trunc: float, folder: str) -> dict:
+        cfg = compose_config([*FAST, f"trunc={trunc}", "train.teacher_cache=topk", "train.teacher_topk=8",
+                              "logger=disabled"])
+        cfg.output_dir = str(tmp_path / folder)
+        return run.main(cfg)
+
+    first = point(1.0, "first")
+    assert first["teacher_cache_built_here"] and first["teacher_loaded"]
+    prepared = []
+    real_prepare = models.prepare_embedded
+    monkeypatch.setattr(models, "prepare_embedded",
+                        lambda spec, role, *a, **k: prepared.append(role) or real_prepare(spec, role, *a, **k))
+    reader = point(0.5, "reader")
+    assert prepared == ["base"] and not reader["teacher_loaded"] and not reader["teacher_cache_built_here"]
+    assert reader["teacher_cache_path"] == first["teacher_cache_path"]
+    assert reader["teacher_accuracy"] == first["teacher_accuracy"]  # from the teacher's record, not its weights
+    monkeypatch.setattr(run, "_ready_teacher_cache", lambda *a: None)  # as before: the teacher is loaded
+    loaded = point(0.5, "loaded")
+    assert prepared == ["base", "teacher", "base"] and loaded["teacher_loaded"]
+    for key in ("final_loss", "final_kd_loss", "train_flops", "tokens_supervised"):
+        assert reader[key] == loaded[key], key
