@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps.tracking import Tracker, read_result, write_result
+from kd_sweeps.tracking import Tracker, now_iso, read_result, write_result
 
 log = logging.getLogger(__name__)
 JOB_DIR = "eval_job"  # submitit's files of the evaluation job, inside the point's folder
@@ -96,6 +97,31 @@ def wait(output_dir: Path, job=None) -> dict:
                             f"see {job.paths.stderr}")
         write_result(Path(output_dir), record)
     return record["summary"]
+
+
+def trained_only(record: Optional[dict], run_id: str, output_dir: Path) -> bool:
+    """Whether the point's training finished (summary recorded, checkpoint saved) but its evaluation
+    did not: the evaluation job failed, died, or is still pending."""
+    if not record or record.get("run_id") != run_id or record.get("status") not in ("evaluating", "failed"):
+        return False
+    summary = record.get("summary") or {}
+    return "train_flops" in summary and "accuracy" not in summary \
+        and (Path(output_dir) / "checkpoint" / "config.json").exists()
+
+
+def finish_evaluation(cfg: DictConfig, output_dir: Path, run_id: str) -> dict:
+    """For a ``trained_only`` point: wait for its pending Slurm evaluation job, or (failed, or its
+    local job's waiter is gone) submit the evaluation again; the training is not redone."""
+    record = read_result(output_dir)
+    if record["status"] == "evaluating" and (record["summary"].get("eval_job") or {}).get("cluster") == "slurm":
+        wait(output_dir)
+        record = read_result(output_dir)
+        if record["status"] == "ok":
+            return record["summary"]
+    log.info("run %s: training is done (%s); evaluating it again", run_id, output_dir / "checkpoint")
+    record.update(status="evaluating", error=None, last_action="ran", launched_at=now_iso(), finished_at=None)
+    write_result(output_dir, record)
+    return submit(cfg, output_dir, run_id)
 
 
 def evaluate_point(output_dir: str) -> dict:

@@ -50,6 +50,11 @@ def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             if env.is_main:
                 mark_skipped(output_dir, done)
             return done["summary"]
+        if cfg.eval.separate_job and not cfg.force:
+            from kd_sweeps import eval_job
+
+            if eval_job.trained_only(done, point_id, output_dir):  # every rank read the same record
+                return eval_job.finish_evaluation(cfg, output_dir, point_id) if env.is_main else {}
         # Rank 0 alone keeps the record (result.json, W&B); the other ranks train and evaluate nothing.
         record = Tracker(output_dir, point_id, cfg.sweep, resolved, cfg.logger, overrides) if env.is_main \
             else _Unrecorded(point_id)

@@ -41,6 +41,23 @@ def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cach
     frame = load(apart)
     assert list(frame["status"]) == ["ok"] and frame["accuracy"].notna().all()
 
+    # The evaluation job fails (out of time, say): running the sweep again evaluates the saved
+    # checkpoint again, without training it again.
+    record_file = apart / other["run_id"] / "result.json"
+    checkpoint = apart / other["run_id"] / "checkpoint" / "model.safetensors"
+    trained_at = checkpoint.stat().st_mtime_ns
+    failed = {**other, "status": "failed", "error": "evaluation job 1 ended (TIMEOUT) without recording a result",
+              "summary": {k: v for k, v in other["summary"].items() if k not in EVAL_KEYS}}
+    write_json_atomic(record_file, failed)
+    again = launch(["-m", "trunc=1.0", f"hydra.sweep.dir={apart}", "eval.separate_job=true", *FAST],
+                   tmp_path, cache_dir)
+    assert "1 grid point(s): 1 ran, 0 skipped (already done), 0 failed" in again.stdout
+    redone = json.loads(record_file.read_text())
+    assert redone["status"] == "ok" and checkpoint.stat().st_mtime_ns == trained_at
+    assert redone["summary"]["eval_job"]["job_id"] != job["job_id"]
+    for key in (*EVAL_KEYS, "train_time_s", "train_flops"):
+        assert redone["summary"][key] == other["summary"][key], key
+
 
 def test_a_point_whose_evaluation_was_never_submitted_is_failed_not_waited_for(tmp_path):
     record = {"run_id": "abc", "sweep": "s", "status": "evaluating", "error": None, "overrides": [],
