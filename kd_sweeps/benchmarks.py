@@ -111,16 +111,10 @@ def _read_rows(path: str, spec: BenchmarkSpec) -> list[dict]:
 
 
 def _hub_rows(spec: BenchmarkSpec, name: str) -> list[dict]:
-    import datasets
+    from kd_sweeps.sources import load_from_hub
 
-    try:
-        loaded = datasets.load_dataset(spec.hub_id, spec.config, split=spec.split)
-    except Exception as err:  # offline mode, no cache, no network: say what to do instead
-        offline = "HF offline mode is on and " if datasets.config.HF_HUB_OFFLINE else ""
-        raise BenchmarkError(
-            f"benchmark {name!r}: could not load {spec.hub_id!r} (config {spec.config!r}, split "
-            f"{spec.split!r}): {offline}{type(err).__name__}: {err}. Load it where the hub is "
-            "reachable, or pass path= to a local copy in the same schema") from err
+    loaded = load_from_hub(spec.hub_id, spec.config, spec.split, BenchmarkError, f"benchmark {name!r}: ",
+                           "pass path= to a local copy in the same schema")
     return [dict(row) for row in loaded]
 
 

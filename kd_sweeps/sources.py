@@ -298,14 +298,22 @@ def _read_rows(name_or_path: str, source: str, spec: DatasetSpec | None, split: 
         return loaded
     hub_id, config = (spec.hub_id, spec.config) if spec else (name_or_path, None)
     wanted = split or (spec.split if spec else "train")
+    return load_from_hub(hub_id, config, wanted, SourceError, "",
+                         "pass a local copy with source='json' (a JSON/JSONL file) or source='path' (a directory)")
+
+
+def load_from_hub(hub_id: str, config, split: str, error: type, what: str, local_copy: str):
+    """``datasets.load_dataset`` by hub id; a failure (offline mode, no cache, no network) raises
+    ``error`` saying what failed and how to use a local copy instead (``local_copy``)."""
+    import datasets
+
     try:
-        return datasets.load_dataset(hub_id, config, split=wanted)
-    except Exception as err:  # offline mode, no cache, no network: say what to do instead
+        return datasets.load_dataset(hub_id, config, split=split)
+    except Exception as err:
         offline = "HF offline mode is on and " if datasets.config.HF_HUB_OFFLINE else ""
-        raise SourceError(
-            f"could not load {hub_id!r} (config {config!r}, split {wanted!r}) from the hub: "
-            f"{offline}{type(err).__name__}: {err}. Load it where the hub is reachable, or pass a "
-            "local copy with source='json' (a JSON/JSONL file) or source='path' (a directory)") from err
+        raise error(f"{what}could not load {hub_id!r} (config {config!r}, split {split!r}) from the hub: "
+                    f"{offline}{type(err).__name__}: {err}. Load it where the hub is reachable, or "
+                    f"{local_copy}") from err
 
 
 def _apply_filter(rows, row_filter, report: SourceReport):

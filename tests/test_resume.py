@@ -10,28 +10,16 @@ import signal
 import pytest
 import torch
 
-from kd_sweeps import data, models, run, train
+from kd_sweeps import run, train
 from kd_sweeps.checkpoint import Preempted, TrainState
-from kd_sweeps.synthetic import make_split
-from kd_sweeps.tokenizer import build_tokenizer
 from tests.conftest import compose_config
 from tests.test_end_to_end import FAST
-
-TINY = {"layers": 1, "hidden": 32, "heads": 2}
+from tests.test_train import tiny_setup
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    encoded, _ = data.encode(make_split(48, seed=0), tokenizer, 4096)
-    examples, _ = data.training_examples(encoded, ("CoT", "A"), 0.5, "lead", False, 0)
-    from transformers import Qwen3ForCausalLM
-
-    student = Qwen3ForCausalLM._from_config(models.qwen3_config(TINY, tokenizer))
-    teacher = Qwen3ForCausalLM._from_config(models.qwen3_config({**TINY, "hidden": 48}, tokenizer))
-    teacher.requires_grad_(False)
-    return tokenizer, examples, student, teacher
+    return tiny_setup(48, attn="sdpa")
 
 
 def train_steps(setup, resume=None, signal_at=None, max_steps=6):
