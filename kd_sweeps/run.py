@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps import data, distributed, evaluate, identity, models, selection, train
+from kd_sweeps import data, distributed, evaluate, identity, models, selection, teacher_cache, train
 from kd_sweeps.cost import CostMeter, ModelShape
 from kd_sweeps.memory import PeakMemory
 from kd_sweeps.tracking import RESULT_FILE, Tracker, mark_skipped, read_result
@@ -92,13 +92,13 @@ class _Unrecorded:
         pass
 
 
-def _teacher_cache_folder(cfg: DictConfig, teacher_path: str, teacher_rows: int, vocab: int, encoded,
+def _teacher_cache_folder(cfg: DictConfig, teacher_path: str, teacher_rows: int, vocab: int, fingerprint: str,
                           cache_dir: Path) -> tuple[Path, dict]:
     """Where the teacher's top-k cache for this (teacher, data, formatting, k, temperature,
     precision, compared columns) lives, and its key."""
     from kd_sweeps import teacher_cache as tc
 
-    key = dict(teacher_id=str(teacher_path), dataset_fingerprint=tc.dataset_fingerprint(encoded),
+    key = dict(teacher_id=str(teacher_path), dataset_fingerprint=fingerprint,
                formatting=f"{cfg.data.name}:{models.TASK_VERSION}", max_tokens=cfg.data.max_tokens,
                k=cfg.train.teacher_topk, temperature=cfg.loss.temperature, precision=cfg.train.precision)
     fields, suffix = tc.key_fields(**key), ""
@@ -108,7 +108,7 @@ def _teacher_cache_folder(cfg: DictConfig, teacher_path: str, teacher_rows: int,
     return cache_dir / f"teacher-topk-{tc.cache_key(**key)}{suffix}", fields
 
 
-def _ready_teacher_cache(cfg: DictConfig, tokenizer, encoded, cache_dir: Path):
+def _ready_teacher_cache(cfg: DictConfig, tokenizer, fingerprint: str, cache_dir: Path):
     """The teacher's stand-in (no weights) when its top-k cache is built already, else None: a point
     that only reads the cache never loads the teacher (at paper scale, 16 GB and a minute per point)."""
     if cfg.train.teacher_cache != "topk":
@@ -118,11 +118,11 @@ def _ready_teacher_cache(cfg: DictConfig, tokenizer, encoded, cache_dir: Path):
     if stand_in is None or student_rows is None:
         return None
     folder, _ = _teacher_cache_folder(cfg, stand_in.path, stand_in.rows, min(stand_in.rows, student_rows),
-                                      encoded, cache_dir)
+                                      fingerprint, cache_dir)
     return stand_in if (folder / "meta.json").exists() else None
 
 
-def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, vocab: int,
+def _cached_teacher(cfg: DictConfig, teacher, encoded, fingerprint: str, cache_dir: Path, device, vocab: int,
                     env: distributed.DistEnv, output_dir: Path) -> tuple:
     """The teacher's top-k cache, built once per sweep under a file lock and shared by every grid
     point; and what its build cost. ``vocab``: the columns KD compares (fewer than the teacher's
@@ -130,7 +130,7 @@ def _cached_teacher(cfg: DictConfig, teacher, encoded, cache_dir: Path, device, 
     record says so) while the other ranks wait for it."""
     from kd_sweeps import teacher_cache as tc
 
-    folder, fields = _teacher_cache_folder(cfg, teacher.path, models.output_rows(teacher), vocab, encoded,
+    folder, fields = _teacher_cache_folder(cfg, teacher.path, models.output_rows(teacher), vocab, fingerprint,
                                            cache_dir)
     started = time.perf_counter()
     if not env.is_main:  # polled, not a collective: a build can outlast the process group's timeout
@@ -169,8 +169,10 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     main_first = env.distributed and "embedded" in (cfg.model.teacher.source, cfg.model.student.source)
     if main_first and not env.is_main:
         distributed.barrier(env)
+    # The data's fingerprint keys the teacher's top-k cache (hashing every token once per point).
+    fingerprint = teacher_cache.dataset_fingerprint(encoded) if cfg.train.teacher_cache == "topk" else ""
     teacher, student = models.load_pair(cfg, tokenizer, device,
-                                        teacher=_ready_teacher_cache(cfg, tokenizer, encoded, cache_dir))
+                                        teacher=_ready_teacher_cache(cfg, tokenizer, fingerprint, cache_dir))
     if main_first and env.is_main:
         distributed.barrier(env)
     if cfg.train.activation_checkpointing:  # each layer's activations are recomputed in backward
@@ -178,7 +180,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     student_model = distributed.shard_student(student.model, env)  # the model itself for one process
     cache_summary: dict = {}
     if cfg.train.teacher_cache == "topk":
-        teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, cache_dir, device,
+        teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, fingerprint, cache_dir, device,
                                                        min(models.output_rows(teacher), models.output_rows(student)),
                                                        env, output_dir)
         teacher_shape = None  # no teacher FLOPs per step; the build is reported once, in the summary
