@@ -39,8 +39,7 @@ def run_point(cfg: DictConfig) -> dict:
     try:
         return run.main(cfg, overrides)
     except Preempted as stop:  # recorded as preempted; now submitit requeues the job, or we stop
-        stop.hand_over()
-        raise
+        stop.hand_over()  # never returns: exits (submitit) or re-raises
     except Exception as err:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
