@@ -19,6 +19,10 @@ MFU = model FLOPs (kd_sweeps.cost: student forward + backward, teacher forward; 
 loss the output layers only on supervised positions) / time / peak. The peak is 989e12, the H100
 SXM's dense bf16 tensor-core rate (H100 PCIe: 756e12, H200: 989e12; --peak-flops to change it).
 Activation recomputation is not counted (that is the definition of MFU, not HFU).
+
+Memory columns (CUDA allocator): the peak; the peak above the two models' weights (gradients, AdamW
+states, activations, logits); and the transient part, the peak above what stays allocated between
+steps (weights, optimizer states): what a step's activations and logits add, the part trunc scales.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                         help="bf16 weights + autocast (default on GPU) | fp32 (default on CPU: bf16 is emulated)")
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE_FLOPS)
+    parser.add_argument("--profile", type=float, default=None, metavar="TRUNC",
+                        help="afterwards, profile 2 steps at this trunc (first --loss-impl) and print the "
+                             "operators taking the most device time, and how busy the device was")
     args = parser.parse_args(argv)
     args.precision = args.precision or ("fp32" if args.device == "cpu" else "bf16")
     if args.tiny:
@@ -105,6 +112,8 @@ def measure(student, teacher, args, trunc: float, impl: str, device: torch.devic
             torch.cuda.synchronize(device)
         if step == args.warmup - 1:
             marks["start"] = time.perf_counter()
+        if device.type == "cuda":
+            marks["resident"] = torch.cuda.memory_allocated(device)  # weights + optimizer states (+ grads)
         if step >= args.warmup:
             for micro in micro_batches:
                 meter.add_step(micro["shape"], micro["lengths"], micro["supervised"])
@@ -115,13 +124,45 @@ def measure(student, teacher, args, trunc: float, impl: str, device: torch.devic
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     train.train_loop(student, teacher, examples, 0, settings, train.LossSettings(kd_ratio=0.5), device,
                      on_step=on_step, desc=f"trunc={trunc} {impl}")
     seconds = marks["end"] - marks["start"]
+    peak = peak_memory_bytes(device)
     return {"loss_impl": impl, "trunc": trunc, "seq_len": seq_len, "timed_steps": args.steps - args.warmup,
             "tokens_per_s": meter.tokens_trained / seconds, "step_s": seconds / (args.steps - args.warmup),
-            "peak_memory_gib": peak_memory_bytes(device) / 2**30,
+            "peak_memory_gib": peak / 2**30,
+            # Above the two models' weights: gradients, optimizer states, activations, logits.
+            "step_memory_gib": (peak - weights) / 2**30 if device.type == "cuda" else float("nan"),
+            # Above what stays allocated between steps: what a step's activations and logits add.
+            "transient_gib": (peak - marks.get("resident", 0)) / 2**30 if device.type == "cuda" else float("nan"),
             "mfu": meter.flops_total / seconds / args.peak_flops, "final_loss": marks["loss"]}
+
+
+def profile(student, teacher, args, trunc: float, impl: str, device: torch.device) -> None:
+    """Two steps under torch.profiler: the top operators by device time, and device-busy time / wall."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    seq_len = max(2, int(round(args.seq_len * trunc)))
+    examples = random_examples(2 * args.batch_size, seq_len, student.config.vocab_size, seed=1)
+    settings = train.LoopSettings(max_steps=2, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=1e-5,
+                                  precision=args.precision, seed=0, loss_impl=impl)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        started = time.perf_counter()
+        train.train_loop(student, teacher, examples, 0, settings, train.LossSettings(kd_ratio=0.5), device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile: {impl}, trunc {trunc} ({seq_len} tokens/seq), 2 steps")
+    print(events.table(sort_by=sort_key, row_limit=20, max_name_column_width=60))
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # not the ops above them
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6  # seconds
+        print(f"device busy {busy:.3f} s of {wall:.3f} s wall ({busy / wall:.0%})")
+    student.zero_grad(set_to_none=True)
 
 
 def main(argv=None) -> list[dict]:
@@ -150,11 +191,18 @@ def main(argv=None) -> list[dict]:
             except torch.OutOfMemoryError:  # report the case and go on with the next one
                 print(f"{impl} trunc={trunc}: out of memory")
             student.zero_grad(set_to_none=True)
-    print("| loss | trunc | tokens/seq | tokens/s | s/step | peak memory (GiB) | MFU | final loss |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| loss | trunc | tokens/seq | tokens/s | s/step | peak memory (GiB) | above weights (GiB) "
+          "| transient (GiB) | MFU | final loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['loss_impl']} | {r['trunc']} | {r['seq_len']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} "
-              f"| {r['peak_memory_gib']:.1f} | {r['mfu']:.1%} | {r['final_loss']:.3f} |")
+              f"| {r['peak_memory_gib']:.1f} | {r['step_memory_gib']:.2f} | {r['transient_gib']:.2f} "
+              f"| {r['mfu']:.1%} | {r['final_loss']:.3f} |")
+    if args.profile is not None:
+        try:
+            profile(student, teacher, args, args.profile, args.loss_impl[0], device)
+        except Exception as err:  # the table above is the result; a profiler problem must not hide it
+            print(f"profile failed: {type(err).__name__}: {err}")
     return rows
 
 

@@ -12,9 +12,12 @@ recomputing would run both output layers twice (the teacher's head is the larges
 it saves no memory, because the head-weight gradient (V, H) is a full tensor either way (backward
 would return it too). So ``forward`` leaves two buffers behind for ``backward``: d loss / d hidden
 (N, H) and d loss / d head weight (V, H); ``backward`` only scales them by the incoming gradient.
-Nothing of size N x V ever exists. The peak extra memory is set by one chunk's loss: about 9
-(chunk_size, V) fp32 tensors for forward_kl and 15 for jsd (mostly ``token_divergence``'s own
-intermediates), plus the (V, H) weight-gradient buffer.
+Nothing of size N x V ever exists. The peak extra memory is set by one chunk's loss, plus the (V, H)
+fp32 weight-gradient buffer: forward_kl (the default) has its gradient written out by hand and in
+place, about 5 (chunk_size, V) fp32 tensors at once against a dense teacher (``_dense_forward_kl``)
+and 3 against the top-k cache (``_sparse_forward_kl``); the other divergences go through autograd
+on ``token_divergence``, about 9 (reverse_kl) to 15 (jsd). At Qwen3's V = 151,936 one such tensor
+is 148 MiB per 256 rows.
 
 Out of scope: heads that are not a plain linear map of the last hidden state, such as logit
 soft-capping (Gemma 2/3) or logit scaling (Cohere, Granite); ``hidden_and_head`` refuses them.
@@ -29,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_sweeps.losses import LOSS_NAMES, token_divergence
+from kd_sweeps.losses import LOSS_NAMES, kl_from_log_probs, token_divergence
+
+# On CUDA the weight gradient is summed into its fp32 buffer by one cuBLAS call per chunk that reads
+# bf16/fp16 inputs and writes fp32 (``torch.addmm(..., out_dtype=torch.float32)``); False sums a
+# product in the inputs' dtype instead (one (V, H) temporary per chunk), as on CPU. Set to False
+# where the fp32-output GEMM is missing; it is also switched off on the first call that fails.
+FP32_OUT_MATMUL = True
 
 # config fields that make the logits something other than lm_head(hidden): soft-capping / scaling.
 _HEAD_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": None, "logits_scaling": 1.0}
@@ -84,16 +93,19 @@ class _Teacher:
     def __init__(self, hidden, weight, logits_fn, topk):
         self.hidden, self.weight, self.logits_fn, self.topk = hidden, weight, logits_fn, topk
 
+    def dense_logits(self, rows: slice) -> Tensor:
+        """Teacher logits (c, V) for the chunk ``rows``, in the matmul dtype, without a graph."""
+        with torch.no_grad():  # the teacher is frozen: no graph on its side
+            hidden = self.hidden[rows]  # (c, Ht)
+            return self.logits_fn(hidden) if self.logits_fn else F.linear(hidden, self.weight)  # (c, V)
+
     def kd_rows(self, student_logits: Tensor, rows: slice, loss) -> Tensor:
         """Per-row divergence (c,) times temperature**2 for the chunk ``rows``."""
         if self.topk is not None:
             values, indices = self.topk
             divergence = _sparse_divergence(student_logits, values[rows], indices[rows], loss)  # (c,)
         else:
-            with torch.no_grad():  # the teacher is frozen: no graph on its side
-                hidden = self.hidden[rows]  # (c, Ht)
-                logits = self.logits_fn(hidden) if self.logits_fn else F.linear(hidden, self.weight)  # (c, V)
-            divergence = token_divergence(student_logits, logits, **loss)  # (c,)
+            divergence = token_divergence(student_logits, self.dense_logits(rows), **loss)  # (c,)
         return divergence * loss["temperature"] ** 2
 
 
@@ -173,7 +185,16 @@ def _chunk_loss(chunk, weight, bias, targets, rows, teacher, settings, sums, nee
     # An fp32 (fp64) leaf: the gradient comes out, and is summed, at the loss precision.
     logits = logits.to(sums.dtype).requires_grad_(need_grad)
     grad = None
-    if teacher is not None:
+    if teacher is not None and settings["loss"]["name"] == "forward_kl":  # the gradient written by hand
+        logits, temperature, scale = logits.detach(), settings["loss"]["temperature"], kd_ratio / n
+        if teacher.topk is None:
+            grad = _dense_forward_kl(logits, teacher.dense_logits(rows), temperature, sums,
+                                     scale if need_grad else None)
+        else:
+            values, indices = teacher.topk
+            grad = _sparse_forward_kl(logits, values[rows], indices[rows], temperature, sums,
+                                      scale if need_grad else None)
+    elif teacher is not None:
         with torch.enable_grad() if need_grad else torch.no_grad():
             kd_rows = teacher.kd_rows(logits, rows, settings["loss"])  # (c,)
         sums[1] += kd_rows.detach().sum()
@@ -192,13 +213,84 @@ def _chunk_loss(chunk, weight, bias, targets, rows, teacher, settings, sums, nee
     return None if grad is None else grad.to(matmul_dtype)
 
 
+@torch.no_grad()
+def _dense_forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float, sums: Tensor,
+                      grad_scale: Optional[float]) -> Optional[Tensor]:
+    """Forward KL against a dense teacher for one chunk, its gradient written out by hand.
+
+    KL(p_T || p_S) with p = softmax(logits / tau): adds tau^2 * sum of the rows' KL into ``sums[1]``
+    and returns grad_scale * tau^2 * d KL / d student_logits = grad_scale * tau * (p_S - p_T), (c, V),
+    or None when ``grad_scale`` is None. Autograd through ``token_divergence`` keeps about eight
+    (c, V) tensors alive at once; this keeps four (three at temperature 1). The values equal
+    ``losses.token_divergence(..., "forward_kl")``: each row is summed elementwise as
+    p_T (log p_T - log p_S), and p_T == 0 contributes exactly 0 (the teacher's -inf log-probs are
+    clamped to the dtype's lowest finite value first). ``student_logits`` (c, V) is left unchanged;
+    it is finite, as any linear head's output is.
+    """
+    dtype = student_logits.dtype
+    teacher = teacher_logits.to(dtype)  # a new tensor, or the fresh matmul output itself
+    del teacher_logits
+    if temperature != 1.0:
+        teacher.div_(temperature)
+    log_t = F.log_softmax(teacher, dim=-1)  # (c, V)
+    del teacher
+    p_t = log_t.exp()  # (c, V)
+    log_t.clamp_(min=torch.finfo(dtype).min)  # -inf -> lowest finite, so 0 * log 0 is 0, not NaN
+    log_s = F.log_softmax(student_logits / temperature if temperature != 1.0 else student_logits, dim=-1)
+    log_ratio = log_t.sub_(log_s)  # (c, V): log p_T - log p_S, in log_t's storage
+    kl = log_ratio.mul_(p_t).sum(-1)  # (c,), the product in place: no (c, V) temporary
+    del log_ratio, log_t
+    sums[1] += kl.sum() * temperature ** 2
+    if grad_scale is None:
+        return None
+    return log_s.exp_().sub_(p_t).mul_(grad_scale * temperature)  # (c, V) in log_s's storage
+
+
+@torch.no_grad()
+def _sparse_forward_kl(student_logits: Tensor, values: Tensor, indices: Tensor, temperature: float,
+                       sums: Tensor, grad_scale: Optional[float]) -> Optional[Tensor]:
+    """Forward KL on the k + 1 buckets of a top-k teacher (``_sparse_divergence``), by hand.
+
+    student_logits (c, V), left unchanged; values (c, k) teacher log-probs at the temperature;
+    indices (c, k). Adds tau^2 * sum of the rows' KL into ``sums[1]``; returns grad_scale * tau^2 *
+    d KL / d student_logits (c, V), or None when ``grad_scale`` is None. With p the student's tempered
+    probabilities, s_R its mass outside the top-k ids, t_i / t_R the teacher's bucket masses and
+    T = sum(t) (1 up to the cache's rounding): d KL / d z_j = (p_j T - t_j) / tau for a top-k id and
+    p_j (T - t_R / s_R) / tau for any other id. One (c, V) tensor besides the logits (two while the
+    normaliser is taken), where autograd keeps about six.
+    """
+    dtype = student_logits.dtype
+    probs = student_logits / temperature if temperature != 1.0 else student_logits.clone()  # (c, V)
+    log_normaliser = torch.logsumexp(probs, dim=-1, keepdim=True)  # (c, 1)
+    log_s_top = probs.gather(1, indices) - log_normaliser  # (c, k), in the log domain: no underflow
+    probs.sub_(log_normaliser).exp_()  # (c, V) student probabilities
+    probs.scatter_(1, indices, 0.0)  # only the other ids keep their mass
+    s_rest = probs.sum(-1, keepdim=True)  # (c, 1)
+    t_top = values.to(dtype)  # (c, k)
+    # log(1 - sum_k t): clamped at 0 so rounding in the cache cannot make the rest mass negative.
+    covered = torch.logsumexp(t_top, dim=-1, keepdim=True).clamp_max(0.0)  # (c, 1)
+    log_t_rest = torch.log(-torch.expm1(covered))  # (c, 1); -inf when the top-k hold all the mass
+    log_t = torch.cat([t_top, log_t_rest], 1)  # (c, k + 1)
+    kl = kl_from_log_probs(log_t, torch.cat([log_s_top, s_rest.log()], 1))  # (c,)
+    sums[1] += kl.sum() * temperature ** 2
+    if grad_scale is None:
+        return None
+    t = log_t.exp()  # (c, k + 1)
+    total = t.sum(-1, keepdim=True)  # (c, 1)
+    t_rest = t[:, -1:]
+    rest_ratio = torch.where(t_rest > 0, t_rest / s_rest, torch.zeros_like(t_rest))  # 0 / 0 -> 0
+    probs.mul_(total - rest_ratio)  # the other ids
+    probs.scatter_(1, indices, log_s_top.exp() * total - t[:, :-1])  # the top-k ids
+    return probs.mul_(grad_scale * temperature)
+
+
 def _push_through_head(grad_logits, chunk, weight, rows, grad_hidden, grad_weight, grad_bias):
     """Chain rule through logits = chunk @ weight.T + bias, for one chunk of rows.
 
     grad_logits (c, V) in the dtype the forward matmul produced, chunk (c, H), weight (V, H). Without
     autocast all three share one dtype; under autocast the matmuls below are cast like the forward
     one (autocast caches the weight's cast). The weight gradient is summed over chunks in fp32 (fp64
-    for fp64); when the product is in lower precision that costs one (V, H) temporary per chunk.
+    for fp64); when the product is in lower precision, see ``_add_product``.
     """
     if grad_hidden is not None:
         grad_hidden[rows] = grad_logits @ weight  # (c, H)
@@ -206,9 +298,28 @@ def _push_through_head(grad_logits, chunk, weight, rows, grad_hidden, grad_weigh
         if grad_logits.dtype == chunk.dtype == grad_weight.dtype:
             grad_weight.addmm_(grad_logits.T, chunk)  # (V, H) += (V, c) @ (c, H), no temporary
         else:
-            grad_weight += grad_logits.T @ chunk  # (V, H) product in the autocast dtype
+            _add_product(grad_weight, grad_logits.T, chunk)  # (V, H) += (V, c) @ (c, H)
     if grad_bias is not None:
         grad_bias += grad_logits.sum(0)
+
+
+def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32) += a @ b for a in bf16/fp16 (b is cast to a's dtype, as autocast would).
+
+    On CUDA with ``FP32_OUT_MATMUL``: one GEMM that accumulates in fp32 and adds into ``acc`` in
+    place, so no (V, H) temporary (at Qwen3's V and H = 2,560 a 742 MiB bf16 product per chunk,
+    written, read back and added). Elsewhere the product is formed in a's dtype, then added.
+    """
+    global FP32_OUT_MATMUL
+    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) \
+            and FP32_OUT_MATMUL:
+        try:
+            with torch.autocast("cuda", enabled=False):  # autocast would cast acc to a's dtype
+                torch.addmm(acc, a, b.to(a.dtype), out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without the fp32-output GEMM
+            FP32_OUT_MATMUL = False
+    acc += a @ b
 
 
 def chunked_kd_ce(
@@ -224,7 +335,7 @@ def chunked_kd_ce(
     beta: float = 0.5,
     alpha: float = 0.1,
     mix: float = 0.5,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
     student_head_bias: Optional[Tensor] = None,
     teacher_logits_fn: Optional[Callable[[Tensor], Tensor]] = None,
     teacher_topk: Optional[tuple[Tensor, Tensor]] = None,
@@ -241,8 +352,8 @@ def chunked_kd_ce(
         targets: (N,) next-token ids, valid ids in [0, V).
         name, temperature, beta, alpha, mix: the KD divergence, as in ``losses.token_divergence``.
         kd_ratio: weight of KD in the total, in [0, 1].
-        chunk_size: rows per chunk; the peak extra memory is about 9-15 (chunk_size, V) fp32 tensors
-            (see the module docstring), so 512 rows at V = 151,936 need roughly 2.6-4.3 GiB.
+        chunk_size: rows per chunk; the peak extra memory is about 5-15 (chunk_size, V) fp32 tensors
+            (see the module docstring), so 256 rows at V = 151,936 need roughly 0.7-2.2 GiB.
         student_head_bias: optional (V,) bias of the student output layer; differentiated.
         teacher_logits_fn: optional map from a chunk of teacher hidden states (c, Ht) to teacher
             logits (c, V), for teachers whose head is not ``hidden @ teacher_head_weight.T``.

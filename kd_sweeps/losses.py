@@ -35,7 +35,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+def kl_from_log_probs(logp: Tensor, logq: Tensor) -> Tensor:
     """KL(p || q) = sum_v p (log p - log q), from log-probs (N, V) -> (N,).
 
     Terms with p == 0 contribute exactly 0 (0 log 0 = 0). Both logs are zeroed
@@ -127,30 +127,30 @@ def token_divergence(
     log_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
 
     if name == "forward_kl":
-        return _kl(log_t, log_s)
+        return kl_from_log_probs(log_t, log_s)
     if name == "reverse_kl":
-        return _kl(log_s, log_t)
+        return kl_from_log_probs(log_s, log_t)
     if name == "combined_kl":
         # A zero weight drops its term entirely, so an infinite KL on that
         # side cannot turn into 0 * inf = NaN.
         out = log_s.new_zeros(log_s.shape[:-1])
         if mix > 0:
-            out = out + mix * _kl(log_t, log_s)
+            out = out + mix * kl_from_log_probs(log_t, log_s)
         if mix < 1:
-            out = out + (1 - mix) * _kl(log_s, log_t)
+            out = out + (1 - mix) * kl_from_log_probs(log_s, log_t)
         return out
     if name == "jsd":
         if beta == 0.0:
-            return _kl(log_t, log_s)
+            return kl_from_log_probs(log_t, log_s)
         if beta == 1.0:
-            return _kl(log_s, log_t)
+            return kl_from_log_probs(log_s, log_t)
         log_m = _log_mix(log_s, log_t, beta)
-        return (1 - beta) * _kl(log_s, log_m) + beta * _kl(log_t, log_m)
+        return (1 - beta) * kl_from_log_probs(log_s, log_m) + beta * kl_from_log_probs(log_t, log_m)
     if name == "tvd":
         return 0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1)
     if name == "skew_kl":
-        return _kl(log_t, _log_mix(log_s, log_t, alpha))
-    return _kl(log_s, _log_mix(log_t, log_s, alpha))  # skew_reverse_kl
+        return kl_from_log_probs(log_t, _log_mix(log_s, log_t, alpha))
+    return kl_from_log_probs(log_s, _log_mix(log_t, log_s, alpha))  # skew_reverse_kl
 
 
 def _bool_mask(mask: Tensor, shape: torch.Size) -> Tensor:

@@ -127,6 +127,58 @@ def test_head_bias_and_teacher_logits_fn():
         _assert_close(got_grad, want_grad)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_kl_written_by_hand_handles_teacher_zeros_and_keeps_its_inputs(temperature):
+    """forward_kl's hand-written gradient (_dense_forward_kl): a teacher that gives some ids exactly 0
+    probability (-inf logits) contributes 0 log 0 = 0 there, never NaN, as token_divergence does."""
+    hidden, weight, _, teacher_hidden, teacher_weight, labels = _case("right_pad", seed=4)
+    banned = torch.tensor([0, 5, 11])
+
+    def masked_teacher(h):  # (c, Ht) -> (c, V) with three ids impossible
+        return (h @ teacher_weight.T).index_fill(-1, banned, float("-inf"))
+
+    want = _full_path(hidden, weight, None, masked_teacher(teacher_hidden), labels, "forward_kl", temperature)
+    rows = supervised_positions(labels)[0]
+    kept = hidden.detach().flatten(0, 1)[rows].clone()
+    got = _chunked_path(hidden, weight, None, teacher_hidden, None, labels, "forward_kl", temperature, 4,
+                        teacher_logits_fn=masked_teacher)
+    for got_value, want_value in zip(got[:3], want):
+        assert torch.isfinite(got_value)
+        _assert_close(got_value, want_value)
+    for got_grad, want_grad in zip(_grads(got[0], [hidden, weight]), _grads(want[0], [hidden, weight])):
+        assert torch.isfinite(got_grad).all()
+        _assert_close(got_grad, want_grad)
+    assert torch.equal(hidden.detach().flatten(0, 1)[rows], kept)  # the in-place steps touch only its own buffers
+
+
+def test_weight_gradient_sum_without_a_product_temporary_matches():
+    """_add_product: the fp32 weight-gradient buffer plus a bf16 product, as the CPU (and the
+    fallback) forms it, against the same sum in fp64."""
+    from kd_sweeps.chunked_loss import _add_product
+
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randn(40, 24, generator=g)
+    a, b = torch.randn(40, 16, generator=g).bfloat16(), torch.randn(16, 24, generator=g).bfloat16()
+    want = acc.double() + a.double() @ b.double()
+    _add_product(acc, a, b)
+    torch.testing.assert_close(acc.double(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weight_gradient_sum_on_cuda_uses_one_fp32_output_gemm():
+    from kd_sweeps import chunked_loss
+
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randn(512, 256, generator=g).cuda()
+    a = torch.randn(512, 128, generator=g).bfloat16().cuda()
+    b = torch.randn(128, 256, generator=g).bfloat16().cuda()
+    want = acc.double() + a.double() @ b.double()
+    chunked_loss._add_product(acc, a, b)
+    assert chunked_loss.FP32_OUT_MATMUL  # the GEMM exists in this torch (else it switched itself off)
+    # fp32 accumulation of exact bf16 products: far tighter than a bf16-rounded product would be
+    torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_all_masked_is_exact_zero(name, sparse):
