@@ -221,11 +221,11 @@ def _dense_forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperatur
     KL(p_T || p_S) with p = softmax(logits / tau): adds tau^2 * sum of the rows' KL into ``sums[1]``
     and returns grad_scale * tau^2 * d KL / d student_logits = grad_scale * tau * (p_S - p_T), (c, V),
     or None when ``grad_scale`` is None. Autograd through ``token_divergence`` keeps about eight
-    (c, V) tensors alive at once; this keeps four (three at temperature 1). The values equal
+    (c, V) tensors alive at once; this about five, the student's logits included. The values equal
     ``losses.token_divergence(..., "forward_kl")``: each row is summed elementwise as
     p_T (log p_T - log p_S), and p_T == 0 contributes exactly 0 (the teacher's -inf log-probs are
     clamped to the dtype's lowest finite value first). ``student_logits`` (c, V) is left unchanged;
-    it is finite, as any linear head's output is.
+    it is finite, as any linear head's output is. ``teacher_logits`` is used up (divided in place).
     """
     dtype = student_logits.dtype
     teacher = teacher_logits.to(dtype)  # a new tensor, or the fresh matmul output itself
@@ -256,32 +256,35 @@ def _sparse_forward_kl(student_logits: Tensor, values: Tensor, indices: Tensor, 
     d KL / d student_logits (c, V), or None when ``grad_scale`` is None. With p the student's tempered
     probabilities, s_R its mass outside the top-k ids, t_i / t_R the teacher's bucket masses and
     T = sum(t) (1 up to the cache's rounding): d KL / d z_j = (p_j T - t_j) / tau for a top-k id and
-    p_j (T - t_R / s_R) / tau for any other id. One (c, V) tensor besides the logits (two while the
+    p_j (T - t_R / s_R) / tau for any other id. s_R is taken in the log domain, relative to the
+    largest other id (so a confident student whose other ids all underflow still gets a finite
+    loss, as autograd's logsumexp gives). One (c, V) tensor besides the logits (two while the
     normaliser is taken), where autograd keeps about six.
     """
     dtype = student_logits.dtype
-    probs = student_logits / temperature if temperature != 1.0 else student_logits.clone()  # (c, V)
-    log_normaliser = torch.logsumexp(probs, dim=-1, keepdim=True)  # (c, 1)
-    log_s_top = probs.gather(1, indices) - log_normaliser  # (c, k), in the log domain: no underflow
-    probs.sub_(log_normaliser).exp_()  # (c, V) student probabilities
-    probs.scatter_(1, indices, 0.0)  # only the other ids keep their mass
-    s_rest = probs.sum(-1, keepdim=True)  # (c, 1)
+    scaled = student_logits / temperature if temperature != 1.0 else student_logits.clone()  # (c, V)
+    log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (c, 1)
+    log_s_top = scaled.gather(1, indices) - log_normaliser  # (c, k)
+    scaled.scatter_(1, indices, float("-inf"))  # only the other ids are left
+    top_other = scaled.amax(-1, keepdim=True)  # (c, 1), finite: k < V and the logits are finite
+    rest = scaled.sub_(top_other).exp_()  # (c, V): exp(z_j / tau - top_other), 0 at the top-k ids
+    rest_sum = rest.sum(-1, keepdim=True)  # (c, 1), >= 1
+    log_s_rest = top_other - log_normaliser + rest_sum.log()  # (c, 1)
     t_top = values.to(dtype)  # (c, k)
     # log(1 - sum_k t): clamped at 0 so rounding in the cache cannot make the rest mass negative.
     covered = torch.logsumexp(t_top, dim=-1, keepdim=True).clamp_max(0.0)  # (c, 1)
     log_t_rest = torch.log(-torch.expm1(covered))  # (c, 1); -inf when the top-k hold all the mass
     log_t = torch.cat([t_top, log_t_rest], 1)  # (c, k + 1)
-    kl = kl_from_log_probs(log_t, torch.cat([log_s_top, s_rest.log()], 1))  # (c,)
+    kl = kl_from_log_probs(log_t, torch.cat([log_s_top, log_s_rest], 1))  # (c,)
     sums[1] += kl.sum() * temperature ** 2
     if grad_scale is None:
         return None
     t = log_t.exp()  # (c, k + 1)
     total = t.sum(-1, keepdim=True)  # (c, 1)
-    t_rest = t[:, -1:]
-    rest_ratio = torch.where(t_rest > 0, t_rest / s_rest, torch.zeros_like(t_rest))  # 0 / 0 -> 0
-    probs.mul_(total - rest_ratio)  # the other ids
-    probs.scatter_(1, indices, log_s_top.exp() * total - t[:, :-1])  # the top-k ids
-    return probs.mul_(grad_scale * temperature)
+    # other ids: p_j (T - t_R / s_R) = rest_j * (exp(top_other - log_normaliser) T - t_R / rest_sum)
+    rest.mul_((top_other - log_normaliser).exp() * total - t[:, -1:] / rest_sum)
+    rest.scatter_(1, indices, log_s_top.exp() * total - t[:, :-1])  # the top-k ids
+    return rest.mul_(grad_scale * temperature)
 
 
 def _push_through_head(grad_logits, chunk, weight, rows, grad_hidden, grad_weight, grad_bias):

@@ -244,6 +244,31 @@ def test_sparse_matches_bucket_reference(name, temperature):
             _assert_close(got_grad, want_grad)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_forward_kl_by_hand_stays_finite_for_a_confident_student(temperature):
+    """A student so sure of one id that every id outside the teacher's top-k has probability below
+    fp32's smallest number: the rest bucket is taken in the log domain, as autograd's logsumexp
+    path takes it, so the loss and gradient stay finite and equal that path's."""
+    from kd_sweeps.chunked_loss import _sparse_divergence, _sparse_forward_kl
+
+    g = torch.Generator().manual_seed(6)
+    values, indices = _topk_teacher(torch.randn(5, V, generator=g, dtype=torch.float64), temperature, k=4)
+    values = values.float()
+    logits = torch.randn(5, V, generator=g)
+    # The student's favourite is one of the teacher's top-k; every id outside them sits ~400 / tau
+    # below it, so their probabilities underflow to 0 in fp32 (and their sum with them).
+    logits.scatter_add_(1, indices[:, :1], torch.full((5, 1), 400.0))
+    loss = dict(name="forward_kl", temperature=temperature, beta=0.5, alpha=0.1, mix=0.5)
+    leaf = logits.clone().requires_grad_(True)
+    want = _sparse_divergence(leaf, values, indices, loss) * temperature ** 2  # (c,)
+    (want_grad,) = torch.autograd.grad(want.sum() * 0.3, leaf)
+    sums = torch.zeros(2)
+    got_grad = _sparse_forward_kl(logits, values, indices, temperature, sums, 0.3)
+    assert torch.isfinite(sums).all() and torch.isfinite(got_grad).all()
+    torch.testing.assert_close(sums[1], want.sum().detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_sparse_with_all_but_one_id_equals_dense(name):
     # With k = V - 1 the rest bucket is a single token: the bucketed distributions are the full ones.
