@@ -358,7 +358,8 @@ def _tiny_qwen3(hidden_size: int, seed: int, tie: bool):
     return Qwen3ForCausalLM(config).double()
 
 
-def test_tiny_qwen3_loss_and_parameter_grads_match_full_logits():
+@pytest.mark.parametrize("name", ["skew_kl", "forward_kl"])  # autograd; gradient written by hand
+def test_tiny_qwen3_loss_and_parameter_grads_match_full_logits(name):
     student = _tiny_qwen3(64, seed=0, tie=True)
     teacher = _tiny_qwen3(96, seed=1, tie=False).eval()
     g = torch.Generator().manual_seed(9)
@@ -374,7 +375,7 @@ def test_tiny_qwen3_loss_and_parameter_grads_match_full_logits():
     logits = student(**batch).logits
     with torch.no_grad():
         teacher_logits = teacher(**batch).logits
-    want = _full_path_logits(logits, teacher_logits, labels)
+    want = _full_path_logits(logits, teacher_logits, labels, name)
     params = [p for p in student.parameters()]
     want_grads = torch.autograd.grad(want, params)
 
@@ -383,7 +384,7 @@ def test_tiny_qwen3_loss_and_parameter_grads_match_full_logits():
         teacher_hidden, teacher_head = hidden_and_head(teacher, **batch)
     rows, targets = supervised_positions(labels)
     got, *_ = chunked_kd_ce(hidden.flatten(0, 1)[rows], teacher_hidden.flatten(0, 1)[rows], head, teacher_head,
-                            targets, name="skew_kl", kd_ratio=KD_RATIO, temperature=2.0, chunk_size=4, **PARAMS)
+                            targets, name=name, kd_ratio=KD_RATIO, temperature=2.0, chunk_size=4, **PARAMS)
     _assert_close(got, want)
     for param, got_grad, want_grad in zip(params, torch.autograd.grad(got, params), want_grads):
         assert got_grad.abs().max() > 0, param.shape
@@ -394,9 +395,9 @@ def test_tiny_qwen3_loss_and_parameter_grads_match_full_logits():
         hidden_and_head(student, **batch)
 
 
-def _full_path_logits(logits, teacher_logits, labels):
+def _full_path_logits(logits, teacher_logits, labels, name):
     targets = labels[:, 1:]
     mask = targets != IGNORE
     ce = ce_loss(logits[:, :-1], targets.clamp_min(0), mask)
-    kd = kd_loss(logits[:, :-1], teacher_logits[:, :-1], mask, "skew_kl", 2.0, **PARAMS)
+    kd = kd_loss(logits[:, :-1], teacher_logits[:, :-1], mask, name, 2.0, **PARAMS)
     return total_loss(ce, kd, KD_RATIO)
