@@ -129,7 +129,7 @@ def test_head_bias_and_teacher_logits_fn():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_forward_kl_written_by_hand_handles_teacher_zeros_and_keeps_its_inputs(temperature):
-    """forward_kl's hand-written gradient (_dense_forward_kl): a teacher that gives some ids exactly 0
+    """forward_kl's hand-written gradient (forward_kl.dense_forward_kl): a teacher that gives some ids exactly 0
     probability (-inf logits) contributes 0 log 0 = 0 there, never NaN, as token_divergence does."""
     hidden, weight, _, teacher_hidden, teacher_weight, labels = _case("right_pad", seed=4)
     banned = torch.tensor([0, 5, 11])
@@ -151,9 +151,9 @@ def test_forward_kl_written_by_hand_handles_teacher_zeros_and_keeps_its_inputs(t
     assert torch.equal(hidden.detach().flatten(0, 1)[rows], kept)  # the in-place steps touch only its own buffers
 
 
-def test_weight_gradient_sum_without_a_product_temporary_matches():
-    """_add_product: the fp32 weight-gradient buffer plus a bf16 product, as the CPU (and the
-    fallback) forms it, against the same sum in fp64."""
+def test_weight_gradient_sum_of_a_bf16_product_into_fp32():
+    """_add_product off CUDA (and its fallback there): the fp32 weight-gradient buffer plus a bf16
+    product, against the same sum in fp64."""
     from kd_sweeps.chunked_loss import _add_product
 
     g = torch.Generator().manual_seed(3)
@@ -249,7 +249,8 @@ def test_sparse_forward_kl_by_hand_stays_finite_for_a_confident_student(temperat
     """A student so sure of one id that every id outside the teacher's top-k has probability below
     fp32's smallest number: the rest bucket is taken in the log domain, as autograd's logsumexp
     path takes it, so the loss and gradient stay finite and equal that path's."""
-    from kd_sweeps.chunked_loss import _sparse_divergence, _sparse_forward_kl
+    from kd_sweeps.chunked_loss import _sparse_divergence
+    from kd_sweeps.forward_kl import sparse_forward_kl
 
     g = torch.Generator().manual_seed(6)
     values, indices = _topk_teacher(torch.randn(5, V, generator=g, dtype=torch.float64), temperature, k=4)
@@ -263,7 +264,7 @@ def test_sparse_forward_kl_by_hand_stays_finite_for_a_confident_student(temperat
     want = _sparse_divergence(leaf, values, indices, loss) * temperature ** 2  # (c,)
     (want_grad,) = torch.autograd.grad(want.sum() * 0.3, leaf)
     sums = torch.zeros(2)
-    got_grad = _sparse_forward_kl(logits, values, indices, temperature, sums, 0.3)
+    got_grad = sparse_forward_kl(logits, values, indices, temperature, sums, 0.3)
     assert torch.isfinite(sums).all() and torch.isfinite(got_grad).all()
     torch.testing.assert_close(sums[1], want.sum().detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
