@@ -96,16 +96,14 @@ def _teacher_cache_folder(cfg: DictConfig, teacher_path: str, teacher_rows: int,
                           cache_dir: Path) -> tuple[Path, dict]:
     """Where the teacher's top-k cache for this (teacher, data, formatting, k, temperature,
     precision, compared columns) lives, and its key."""
-    from kd_sweeps import teacher_cache as tc
-
     key = dict(teacher_id=str(teacher_path), dataset_fingerprint=fingerprint,
                formatting=f"{cfg.data.name}:{models.TASK_VERSION}", max_tokens=cfg.data.max_tokens,
                k=cfg.train.teacher_topk, temperature=cfg.loss.temperature, precision=cfg.train.precision)
-    fields, suffix = tc.key_fields(**key), ""
+    fields, suffix = teacher_cache.key_fields(**key), ""
     if vocab != teacher_rows:
         fields["vocab"] = vocab
         suffix = f"-v{vocab}"
-    return cache_dir / f"teacher-topk-{tc.cache_key(**key)}{suffix}", fields
+    return cache_dir / f"teacher-topk-{teacher_cache.cache_key(**key)}{suffix}", fields
 
 
 def _ready_teacher_cache(cfg: DictConfig, tokenizer, fingerprint: str, cache_dir: Path):
@@ -128,8 +126,6 @@ def _cached_teacher(cfg: DictConfig, teacher, encoded, fingerprint: str, cache_d
     point; and what its build cost. ``vocab``: the columns KD compares (fewer than the teacher's
     rows when the student's head is padded less). In a multi-process point rank 0 builds it (its
     record says so) while the other ranks wait for it."""
-    from kd_sweeps import teacher_cache as tc
-
     folder, fields = _teacher_cache_folder(cfg, teacher.path, models.output_rows(teacher), vocab, fingerprint,
                                            cache_dir)
     started = time.perf_counter()
@@ -139,7 +135,7 @@ def _cached_teacher(cfg: DictConfig, teacher, encoded, fingerprint: str, cache_d
                 raise RuntimeError(f"rank 0 failed before the teacher cache {folder} was built; see "
                                    f"{output_dir / RESULT_FILE}")
             time.sleep(1.0)
-    cache = tc.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk, cfg.loss.temperature, 32,
+    cache = teacher_cache.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk, cfg.loss.temperature, 32,
                            device, key=fields, vocab_size=vocab, autocast=cfg.train.precision == "bf16")
     summary = {"teacher_cache_built_here": bool(cache.built), "teacher_cache_path": str(cache.folder),
                "teacher_cache_seconds": time.perf_counter() - started, "teacher_loaded": teacher.model is not None,
