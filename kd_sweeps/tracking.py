@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -165,8 +166,32 @@ class Tracker:
                     self.wandb_run.summary["error"] = self.result["error"]
                 if preempted:  # the requeued job resumes this same run (same id, resume="allow")
                     self.wandb_run.mark_preempting()
+                offline_dir = Path(self.wandb_run.dir).parent if self.logger_cfg.mode == "offline" else None
                 self.wandb_run.finish(exit_code=1 if failed else 0)
+                if offline_dir is not None:
+                    _wait_for_offline_log(offline_dir)
         return False  # the error still propagates to the launcher
+
+
+def _wait_for_offline_log(run_dir: Path, timeout_s: float = 30.0) -> None:
+    """Wait until the offline run's log in ``run_dir`` holds its exit record.
+
+    ``finish()`` can return before W&B's service process has written the run's last records (seen
+    on a loaded 2-core machine: a reader right after found neither the config nor the exit), and
+    the end-of-sweep summary and the analysis read these files at once."""
+    from analysis.wandb_offline import read_run
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if read_run(run_dir).exit_code is not None:
+                return
+        except Exception:  # noqa: BLE001 - a log still being written may not parse yet
+            pass
+        if time.monotonic() > deadline:
+            log.warning("W&B offline log in %s has no exit record %.0f s after finish()", run_dir, timeout_s)
+            return
+        time.sleep(0.1)
 
 
 def _is_preemption(exc: BaseException) -> bool:
