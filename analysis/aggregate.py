@@ -20,6 +20,7 @@ from analysis.stats import FULL_TRUNC, interval, mean_stderr, retained_averages
 PRESET_ORDER = ("all", "prompt_cot", "cot", "cot_ans", "ans", "prompt_ans")
 COST_COLUMNS = ("train_flops", "train_time_s", "peak_memory_bytes", "tokens_trained",
                 "tokens_supervised")
+GENERATION_COLUMNS = ("finished_rate", "gen_tokens_mean")  # means over a point's runs
 ALL_BENCHMARKS = "accuracy"  # the benchmark name used when runs report no per-benchmark split
 
 
@@ -35,6 +36,13 @@ def metric_columns(bench: str) -> tuple[str, str, str]:
     return f"acc_{bench}", f"stderr_{bench}", f"per_problem_{bench}"
 
 
+def generation_columns(bench: str) -> tuple[str, str]:
+    """(finished rate, mean generated tokens per completion) columns of one benchmark."""
+    if bench == ALL_BENCHMARKS:
+        return "finished_rate", "gen_tokens_mean"
+    return f"finished_rate_{bench}", f"gen_tokens_mean_{bench}"
+
+
 def preset_rank(name) -> tuple[int, str]:
     """Sort key putting the paper's presets first, in the paper's order."""
     name = "" if name is None or name is pd.NA else str(name)
@@ -47,6 +55,30 @@ def numeric_column(runs: pd.DataFrame, col: str) -> pd.Series:
     if col not in runs:
         return pd.Series(math.nan, index=runs.index, dtype=float)
     return pd.to_numeric(runs[col], errors="coerce")
+
+
+def reference_accuracies(runs: pd.DataFrame) -> list[dict]:
+    """The distinct teacher and base-student accuracies the runs report (all rows given: pass
+    ok runs), each as {role: 'teacher' | 'base', accuracy, teacher_accuracy, models: {column:
+    model name}}; none where the value is unknown (pretrained models, older runs)."""
+    def column(name: str) -> pd.Series:
+        if name in runs:
+            return runs[name].astype(object).where(runs[name].notna(), None)
+        return pd.Series(None, index=runs.index, dtype=object)
+
+    teacher_acc = numeric_column(runs, "teacher_accuracy").astype(float)
+    base_acc = numeric_column(runs, "base_accuracy").astype(float)
+    found = []
+    for role, accuracy, columns in (("teacher", teacher_acc, ("teacher",)),
+                                    ("base", base_acc, ("student", "teacher"))):
+        known = accuracy.notna()
+        # The base row repeats per teacher only where teachers differ (its % of teacher does).
+        teachers = teacher_acc[known].astype(object).where(teacher_acc[known].notna(), None)
+        keys = zip(accuracy[known], teachers, *(column(c)[known] for c in columns))
+        for value, teacher, *models in dict.fromkeys(keys):
+            found.append({"role": role, "accuracy": value, "teacher_accuracy": teacher,
+                          "models": dict(zip(columns, models))})
+    return found
 
 
 def _point_rows(runs: pd.DataFrame, benches: list[str], level: float, seed: int) -> list[dict]:
@@ -64,14 +96,18 @@ def _point_rows(runs: pd.DataFrame, benches: list[str], level: float, seed: int)
         # Error bar for plots: spread over seeds, or the single run's own stderr.
         spread = mean_stderr(values)[1] if stats["runs"] > 1 \
             else float(errs.dropna().iloc[0]) if errs.notna().any() else math.nan
-        rows.append({"benchmark": bench, **stats, "stderr": spread, **costs})
+        finished, tokens = (float(numeric_column(runs, col).mean())
+                            for col in generation_columns(bench))  # NaN for older runs
+        rows.append({"benchmark": bench, **stats, "stderr": spread, **costs,
+                     "finished_rate": finished, "gen_tokens_mean": tokens})
     return rows
 
 
 def grid_points(df: pd.DataFrame, group_by=None, level: float = 0.95,
                 seed: int = 0) -> pd.DataFrame:
     """Per (curve, trunc, benchmark): runs, mean, stderr, ci_low/ci_high (``level``),
-    interval (how it was made), mean cost, and % retained columns (see add_retained).
+    interval (how it was made), mean cost, mean finished rate and generated tokens per
+    completion (GENERATION_COLUMNS), and % retained columns (see add_retained).
 
     Only ok runs count. Benchmarks are the acc_<name> columns, or the overall
     'accuracy' when there are none.
@@ -80,7 +116,7 @@ def grid_points(df: pd.DataFrame, group_by=None, level: float = 0.95,
     benches = benchmarks(ok) or [ALL_BENCHMARKS]
     extra = as_columns(group_by)
     columns = ["curve", "sections", *extra, "trunc", "benchmark", "runs", "mean", "stderr",
-               "ci_low", "ci_high", "interval", *COST_COLUMNS]
+               "ci_low", "ci_high", "interval", *COST_COLUMNS, *GENERATION_COLUMNS]
     if ok.empty:
         return add_retained(pd.DataFrame(columns=columns))
     keys = [curve_keys(ok, extra), numeric_column(ok, "trunc")]

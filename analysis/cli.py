@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     tradeoff = commands.add_parser("tradeoff", help="FLOPs-vs-accuracy plot and per-run table")
-    paper = commands.add_parser("paper", help="the paper's four figures and accuracy table")
+    paper = commands.add_parser("paper", help="the paper's four figures, generation vs trunc, "
+                                              "and the accuracy table")
     for sub in (tradeoff, paper):
         sub.add_argument("source", help="sweep dir, folder of offline W&B runs, or "
                                         "entity/project[:group]")
@@ -123,9 +124,10 @@ def write_table(table: pd.DataFrame, out: Path, name: str) -> list[Path]:
 def run_tradeoff(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
     from analysis.figures import figure_tradeoff
     from analysis.plots import save_figure
-    from analysis.tables import summary_table
+    from analysis.tables import summary_table, unfinished_note
 
     paths = write_table(summary_table(df), args.out, "summary")
+    print(unfinished_note(df), end="")
     fig = figure_tradeoff(df, missing, args.group_by, x=args.x, y=args.y)
     return paths + save_figure(fig, args.out, "tradeoff")
 
@@ -162,7 +164,8 @@ def _example(df: pd.DataFrame, args):
 
 def run_paper(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
     from analysis.example import figure_of
-    from analysis.figures import figure_sections, figure_tradeoff, figure_truncation
+    from analysis.figures import (figure_generation, figure_sections, figure_tradeoff,
+                                  figure_truncation)
     from analysis.plots import save_figure
     from analysis.tables import paper_table
 
@@ -175,6 +178,8 @@ def run_paper(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
         print(f"sections figure skipped: {exc}")
     fig = figure_truncation(df, missing, args.group_by, args.retained_average)
     paths += save_figure(fig, args.out, "truncation")
+    fig = figure_generation(df, missing, args.group_by)
+    paths += save_figure(fig, args.out, "generation")
     example = _example(df, args)
     print(f"example: {example.origin}")
     return paths + save_figure(figure_of(example), args.out, "example")

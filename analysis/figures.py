@@ -1,4 +1,5 @@
-"""The paper's figures: tradeoff, accuracy per section preset, and accuracy and cost vs trunc.
+"""The paper's figures: tradeoff, accuracy per section preset, accuracy and cost vs trunc, and
+generation (tokens per completion, finished rate) vs trunc.
 
 Each ``figure_*`` composes plotters into a Figure (not saved; see
 plots.save_figure). Plotters take ``ax=None`` and return the axes. Every
@@ -144,5 +145,52 @@ def figure_truncation(df: pd.DataFrame, missing: Iterable = (), group_by=None,
         axes[5].legend(handles, labels, title=legend_title(group_by), loc="center")
     fig.suptitle(f"truncation: accuracy and cost vs trunc (accuracy error bars: {LEVEL:.0%} "
                  "intervals)", fontsize=10)
+    add_footnote(fig, footnote(df, missing))
+    return fig
+
+
+def plot_tokens_vs_trunc(points: pd.DataFrame, ax: Axes | None = None,
+                         limit: float | None = None) -> Axes:
+    """Mean generated tokens per completion against trunc, one line per curve, from
+    grid_points rows; ``limit`` (eval.max_new_tokens) as a dashed line: a student that never
+    learns to stop sits on it."""
+    ax = plot_vs_trunc(points, "gen_tokens_mean", ax, label="generated tokens per completion "
+                                                             "(mean over benchmarks)")
+    if limit is not None:
+        ax.axhline(limit, color="red", linestyle="--", linewidth=1,
+                   label=f"eval.max_new_tokens = {limit:g}")
+        # Right end, under the line: short completions (high trunc) usually sit there, far below.
+        ax.annotate(f"max_new_tokens = {limit:g}", xy=(1, limit), xycoords=("axes fraction", "data"),
+                    xytext=(-3, -3), textcoords="offset points", ha="right", va="top", fontsize=7,
+                    color="red")
+    ax.set_ylim(bottom=0)  # lengths from zero: the distance to the limit reads as a share
+    if points["gen_tokens_mean"].isna().all():
+        ax.text(0.5, 0.5, "no run recorded generation lengths\n(result.json before "
+                "gen_tokens_mean)", transform=ax.transAxes, ha="center", va="center",
+                fontsize=8, color="dimgrey")
+    return ax
+
+
+def figure_generation(df: pd.DataFrame, missing: Iterable = (), group_by=None) -> Figure:
+    """Generated tokens per completion and % of completions finished (stopped by a stop
+    token before eval.max_new_tokens) vs trunc, one line per section preset."""
+    check_comparable(df, group_by)
+    # One value per point: the run summaries' means over benchmarks.
+    points = grid_points(df.drop(columns=[c for c in df if c.startswith("acc_")]), group_by,
+                         level=LEVEL)
+    limits = sorted(set(ok_runs(df)["max_new_tokens"].dropna().astype(int))) \
+        if "max_new_tokens" in df else []
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    tokens_ax, finished_ax, legend_ax = fig.subplots(1, 3, width_ratios=[3, 3, 1.4])
+    plot_tokens_vs_trunc(points, tokens_ax, limit=limits[-1] if len(limits) == 1 else None)
+    plot_vs_trunc(points, "finished_rate", finished_ax, scale=100,
+                  label="completions finished before the limit (%)")
+    finished_ax.set_ylim(-5, 105)
+    handles, labels = tokens_ax.get_legend_handles_labels()
+    legend_ax.axis("off")
+    if handles:
+        legend_ax.legend(handles, labels, title=legend_title(group_by), loc="center", fontsize=8)
+    fig.suptitle("generation vs trunc: tokens per completion and finished rate "
+                 "(means over benchmarks and seeds)", fontsize=10)
     add_footnote(fig, footnote(df, missing))
     return fig

@@ -50,6 +50,15 @@ COLUMNS: dict[str, str] = {
     "examples_skipped": "Int64",
     "accuracy": "float64",
     "accuracy_stderr": "float64",
+    # Generation over all benchmarks: share of completions that stopped on their own before
+    # eval.max_new_tokens, and generated tokens per completion (NaN for runs that predate them).
+    "finished_rate": "float64",
+    "gen_tokens_mean": "float64",
+    # References for the run's accuracy: the embedded teacher's and the base student's held-out
+    # accuracy before KD (None for pretrained models, which are not evaluated before KD).
+    "teacher_accuracy": "float64",
+    "base_accuracy": "float64",
+    "max_new_tokens": "Int64",  # eval.max_new_tokens: the limit a completion that never stops hits
 }
 
 # Column prefix and dtype for each per-benchmark summary key eval/<bench>/<metric>.
@@ -63,6 +72,9 @@ BENCHMARK_METRICS: dict[str, tuple[str, str]] = {
 # so frames of runs without it keep exactly the columns above.
 OPTIONAL_BENCHMARK_METRICS: dict[str, tuple[str, str]] = {
     "per_problem": ("per_problem", "object"),  # list of per-problem scores, for bootstraps
+    "finished_rate": ("finished_rate", "float64"),  # completions that ended with a stop token
+    "gen_tokens_mean": ("gen_tokens_mean", "float64"),  # generated tokens per completion
+    "gen_tokens_max": ("gen_tokens_max", "Int64"),
 }
 _ALL_METRICS = {**BENCHMARK_METRICS, **OPTIONAL_BENCHMARK_METRICS}
 
@@ -78,9 +90,11 @@ _CONFIG_PATHS: dict[str, tuple[str, ...]] = {
     "student": ("model", "student", "name_or_path"),
     "dataset": ("data", "name"),
     "seed": ("seed",),
+    "max_new_tokens": ("eval", "max_new_tokens"),
 }
 _SUMMARY_COLUMNS = [c for c in COLUMNS if c.startswith(("train_", "peak_", "tokens_", "examples_"))]
-_SUMMARY_COLUMNS += ["accuracy", "accuracy_stderr"]
+_SUMMARY_COLUMNS += ["accuracy", "accuracy_stderr", "finished_rate", "gen_tokens_mean",
+                     "teacher_accuracy", "base_accuracy"]
 
 # W&B run states mapped onto result.json statuses; others (crashed, running) are kept.
 _WANDB_STATUS = {"finished": "ok", "failed": "failed"}

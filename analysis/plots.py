@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from analysis.aggregate import reference_accuracies
 from analysis.checks import as_columns, check_comparable, curve_keys, ok_runs
 from analysis.stats import mean_stderr, pareto_front
 
@@ -124,14 +125,42 @@ def _draw_front(ax: Axes, points: pd.DataFrame, x: str, y: str) -> None:
                linewidths=1, zorder=3)
 
 
+REFERENCE_STYLE = {"teacher": ("teacher", "black", "-."),
+                   "base": ("base student before KD", "dimgrey", ":")}
+
+
+def draw_references(ax: Axes, runs: pd.DataFrame) -> list[str]:
+    """Horizontal lines at the teacher's and the base student's accuracy (where the runs know
+    them), each labelled on the line and in the legend; returns the labels drawn."""
+    references = reference_accuracies(runs)
+    several = {role: sum(r["role"] == role for r in references) > 1 for role in REFERENCE_STYLE}
+    labels = []
+    for ref in references:
+        name, color, style = REFERENCE_STYLE[ref["role"]]
+        model = ref["models"].get("student" if ref["role"] == "base" else "teacher")
+        label = f"{name}{f' ({model})' if several[ref['role']] and model else ''}: " \
+                f"{100 * ref['accuracy']:.1f}%"
+        ax.axhline(ref["accuracy"], color=color, linestyle=style, linewidth=1, zorder=1,
+                   label=label)
+        # On the line, at the right edge: readable without the legend.
+        ax.annotate(label, xy=(1, ref["accuracy"]), xycoords=("axes fraction", "data"),
+                    xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom",
+                    fontsize=7, color=color)
+        labels.append(label)
+    return labels
+
+
 def plot_tradeoff(df: pd.DataFrame, ax: Axes | None = None, x: str = "train_flops",
                   y: str = "accuracy", group_by=None,
-                  missing: Iterable[str | Mapping] = ()) -> Axes:
+                  missing: Iterable[str | Mapping] = (), references: bool = True) -> Axes:
     """Metric y against cost x (log scale), one line per sections preset (and group_by value).
 
     Only ok runs are drawn; failed runs and missing grid points are listed in
     a footnote. Runs of one curve that differ in model, data or loss are
-    refused (see check_comparable).
+    refused (see check_comparable). With ``references`` and y = accuracy, the
+    teacher's and the base student's accuracy are drawn as labelled horizontal
+    lines where the runs report them (the embedded models; pretrained ones are
+    not evaluated before KD).
     """
     check_comparable(df, group_by)
     if ax is None:
@@ -149,12 +178,13 @@ def plot_tradeoff(df: pd.DataFrame, ax: Axes | None = None, x: str = "train_flop
             ax.annotate(f"trunc={p['trunc']:g}", (p[x], p[y]), xytext=(4, 4),
                         textcoords="offset points", fontsize=7)
     _draw_front(ax, points, x, y)
+    drawn = draw_references(ax, ok) if references and y == "accuracy" else []
 
     ax.set_xscale("log")
     ax.set_xlabel(axis_label(x))
     ax.set_ylabel(axis_label(y))
     ax.grid(True, which="major", alpha=0.3)
-    if not points.empty:
+    if not points.empty or drawn:
         ax.legend(title=legend_title(group_by), fontsize=8, title_fontsize=8)
     note = footnote(df, missing, len(ok) - len(usable))
     if note:

@@ -8,13 +8,20 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.aggregate import grid_points, numeric_column
+from analysis.aggregate import grid_points, numeric_column, reference_accuracies
 from analysis.checks import as_columns, ok_runs
 from analysis.stats import retained
 
 MIB = 2**20
 ACCURACY = "accuracy ± stderr (%)"
 RETAINED = "% of trunc=1.0 accuracy retained"
+OF_TEACHER = "% of teacher accuracy"
+FINISHED = "finished (%)"  # completions that ended with a stop token before eval.max_new_tokens
+GEN_TOKENS = "gen tokens (mean)"  # generated tokens per completion, over benchmarks
+# Below this share of completions ending with a stop token, a point mostly ran to eval.max_new_tokens
+# (a student that did not learn to stop): unfinished_note names it under the table.
+UNFINISHED_NOTE_BELOW = 0.5
+REFERENCE_ROWS = {"teacher": "teacher (reference)", "base": "base student before KD (reference)"}
 # Settings that, when they differ between runs, must be shown or rows would look identical.
 _VARYING = ("teacher", "student", "dataset", "truncation_mode", "cut_after_think", "loss",
             "kd_ratio", "temperature", "seed")
@@ -29,10 +36,12 @@ def _accuracy_text(acc: Any, err: Any) -> str | None:
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per ok run (grid point), sorted by (sections, trunc).
+    """One row per ok run (grid point), sorted by (sections, trunc), then one reference row
+    each for the teacher's and the base student's accuracy where the runs know them.
 
     Numbers stay numeric (rounded for display) so the CSV stays usable; only
-    the accuracy column is text, because it pairs value and error.
+    the accuracy column is text, because it pairs value and error. Runs that
+    predate a column (finished rate, generated tokens, references) get NaN.
     """
     ok = ok_runs(df).copy()
     has_metric = {"accuracy", "trunc"} <= set(ok.columns)
@@ -61,7 +70,45 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     table[ACCURACY] = pd.Series([_accuracy_text(a, e) for a, e in zip(acc, err)],
                                 index=ok.index, dtype=object)
     table[RETAINED] = (100 * ok["_retained"]).round(1)
-    return table.reset_index(drop=True)
+    teacher = numeric_column(ok, "teacher_accuracy").astype(float)
+    table[OF_TEACHER] = (100 * acc.astype(float) / teacher.where(teacher > 0)).round(1)
+    table[FINISHED] = _percent(numeric_column(ok, "finished_rate"))
+    table[GEN_TOKENS] = numeric_column(ok, "gen_tokens_mean").astype(float).round(1)
+    return add_reference_rows(table.reset_index(drop=True), ok)
+
+
+def add_reference_rows(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """table with a row per reference accuracy appended: accuracy and % of teacher filled, the
+    models named where the table shows their column; every other cell empty (dtypes kept)."""
+    references = reference_accuracies(runs)
+    if not references:
+        return table
+    first = len(table)
+    table = table.reindex(range(first + len(references)))  # new rows: NaN / <NA>
+    for row, ref in enumerate(references, start=first):
+        table.at[row, "sections"] = REFERENCE_ROWS[ref["role"]]
+        for col, model in ref["models"].items():
+            if col in table:
+                table.at[row, col] = model
+        table.at[row, ACCURACY] = _accuracy_text(ref["accuracy"], math.nan)
+        if ref["teacher_accuracy"] is not None and ref["teacher_accuracy"] > 0:
+            table.at[row, OF_TEACHER] = round(100 * ref["accuracy"] / ref["teacher_accuracy"], 1)
+    return table
+
+
+def unfinished_note(df: pd.DataFrame) -> str:
+    """A line naming the ok runs most of whose completions hit eval.max_new_tokens ('' if none)."""
+    ok = ok_runs(df)
+    rate = numeric_column(ok, "finished_rate")
+    low = ok[(rate < UNFINISHED_NOTE_BELOW).to_numpy()]
+    if low.empty:
+        return ""
+    low = low.sort_values(["sections", "trunc"], na_position="last", kind="stable")  # table order
+    tokens = numeric_column(low, "gen_tokens_mean")
+    points = [f"trunc={t:g} sections={s} ({100 * r:.0f}% finished, {n:.0f} tokens per completion)"
+              for t, s, r, n in zip(low["trunc"], low["sections"], rate[low.index], tokens)]
+    return (f"\nfewer than {UNFINISHED_NOTE_BELOW:.0%} of completions stopped before "
+            "eval.max_new_tokens at: " + "; ".join(points) + "\n")
 
 
 def _percent(values: pd.Series) -> pd.Series:
@@ -76,7 +123,8 @@ def paper_table(df: pd.DataFrame, group_by=None, level: float = 0.95,
     several, else the normal interval from the evaluation's stderr; the
     ``interval`` column says which. % retained is per benchmark, and averaged
     over benchmarks both ways (the column names say which). Costs are means
-    over the point's runs and repeat on its benchmark rows.
+    over the point's runs and repeat on its benchmark rows; finished (%) and
+    generated tokens are the benchmark's own.
     """
     points = grid_points(df, group_by, level=level, seed=seed)
     pct = f"{level:.0%}"
@@ -100,6 +148,9 @@ def paper_table(df: pd.DataFrame, group_by=None, level: float = 0.95,
     table["peak memory (MiB)"] = (points["peak_memory_bytes"].astype(float) / MIB).round(1)
     for col in ("tokens_trained", "tokens_supervised"):  # means over seeds, whole tokens
         table[col.replace("_", " ")] = points[col].astype(float).round().astype("Int64")
+    # This benchmark's generation (NaN for runs that predate it), means over seeds.
+    table[FINISHED] = _percent(points["finished_rate"])
+    table[GEN_TOKENS] = points["gen_tokens_mean"].astype(float).round(1)
     return table.reset_index(drop=True)
 
 

@@ -9,8 +9,9 @@ memory do not depend on the values), built in code:
   student  Qwen3-4B width: hidden 2560, 32 query / 8 KV heads of 128, MLP 9728, tied head;
   teacher  Qwen3-8B width: hidden 4096, 32 / 8 heads of 128, MLP 12288, untied head;
 both with vocabulary 151,936 and 12 of their 36 layers (--layers): 1.60B and 3.56B parameters, so
-that the teacher, the student with its gradients and AdamW states (bf16 weights, as the training
-loads pretrained models) and the activations fit one 80 GB GPU. Each step is the project's own
+that the teacher, the student with its gradients and AdamW states (fp32 master weights, as a run
+loads the student; --master-weights bf16 for the old pure-bf16 student) and the activations fit one
+80 GB GPU. Each step is the project's own
 loop (kd_sweeps.train): 8 sequences in 8 micro-batches of one 4096-token sequence, trunc 0.5
 keeping the leading 2048 tokens of each; every position after the first is supervised, bf16
 autocast. The first --warmup steps are not timed.
@@ -60,7 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loss-impl", nargs="+", default=["chunked"], choices=["chunked", "full"])
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                        help="bf16 weights + autocast (default on GPU) | fp32 (default on CPU: bf16 is emulated)")
+                        help="bf16 autocast (default on GPU) | fp32 (default on CPU: bf16 is emulated)")
+    parser.add_argument("--master-weights", choices=["fp32", "bf16"], default="fp32",
+                        help="the student's weights and AdamW states: fp32 (what a run does, "
+                             "models.load_pair) | bf16 (the old pure-bf16 student, for comparison)")
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE_FLOPS)
     parser.add_argument("--profile", type=float, default=None, metavar="TRUNC",
                         help="afterwards, profile 2 steps at this trunc (first --loss-impl) and print the "
@@ -119,7 +123,8 @@ def measure(student, teacher, args, trunc: float, impl: str, device: torch.devic
                 meter.add_step(micro["shape"], micro["lengths"], micro["supervised"])
             marks["end"], marks["loss"] = time.perf_counter(), metrics["loss"]
 
-    settings = train.LoopSettings(max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+    settings = train.LoopSettings(max_steps=args.steps, batch_size=args.batch_size,
+                                  micro_batch_size=args.batch_size // args.grad_accum,
                                   lr=1e-5, warmup_ratio=0.1, precision=args.precision, seed=0, loss_impl=impl)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -146,7 +151,8 @@ def profile(student, teacher, args, trunc: float, impl: str, device: torch.devic
 
     seq_len = max(2, int(round(args.seq_len * trunc)))
     examples = random_examples(2 * args.batch_size, seq_len, student.config.vocab_size, seed=1)
-    settings = train.LoopSettings(max_steps=2, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=1e-5,
+    settings = train.LoopSettings(max_steps=2, batch_size=args.batch_size,
+                                  micro_batch_size=args.batch_size // args.grad_accum, lr=1e-5,
                                   precision=args.precision, seed=0, loss_impl=impl)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
@@ -171,14 +177,15 @@ def main(argv=None) -> list[dict]:
     vocab = TINY["vocab"] if args.tiny else QWEN3_VOCAB
     shapes = (TINY["student"], TINY["teacher"]) if args.tiny else (STUDENT_4B, TEACHER_8B)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    student = qwen3(shapes[0], args.layers, vocab, device, dtype)
+    student = qwen3(shapes[0], args.layers, vocab, device, torch.float32 if args.master_weights == "fp32" else dtype)
     teacher = qwen3(shapes[1], args.layers, vocab, device, dtype).requires_grad_(False)
     if args.activation_checkpointing:
         enable_activation_checkpointing(student)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     params = [sum(p.numel() for p in m.parameters()) / 1e9 for m in (student, teacher)]
     print(f"{name}; student {params[0]:.2f}B, teacher {params[1]:.2f}B parameters, {args.layers} layers each; "
-          f"{args.batch_size} sequences/step in {args.grad_accum} micro-batches; {args.precision}; "
+          f"{args.batch_size} sequences/step in {args.grad_accum} micro-batches; {args.precision} compute, "
+          f"{args.master_weights} student weights; "
           f"MFU against {args.peak_flops:.3g} FLOP/s")
     rows = []
     for impl in args.loss_impl:

@@ -15,7 +15,7 @@ fi
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-PARTS=${PARTS:-kd_check kd_loss gpu_check}  # a subset runs only those parts
+PARTS=${PARTS:-kd_check kd_loss gpu_check gpu_check_bf16_master}  # a subset runs only those parts
 part() {  # part NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.txt, report the exit status
   local name=$1 limit=$2; shift 2
   case " $PARTS " in *" $name "*) ;; *) return 0;; esac
@@ -32,3 +32,6 @@ part kd_loss 150 python3 benchmarks/bench_kd_loss.py --device cuda --dtype bfloa
 #    sequences, chunked and full loss; then a profile of the chunked trunc-0.5 step. (bench_trunc_step.py
 #    is left out: the embedded task's ~150-token sequences leave an H100 waiting on kernel launches.)
 part gpu_check 240 python3 benchmarks/gpu_check.py --loss-impl chunked full --steps 8 --warmup 2 --profile 0.5
+# 3. The same chunked step with the old pure-bf16 student (bf16 weights and AdamW states), against
+#    part 2's fp32 master weights: what fp32 masters cost in time and memory.
+part gpu_check_bf16_master 120 python3 benchmarks/gpu_check.py --master-weights bf16 --steps 8 --warmup 2

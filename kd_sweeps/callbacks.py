@@ -31,7 +31,7 @@ def summarize_sweep(sweep_dir: Path, folders: list[Path], title: str = "") -> tu
 
     from analysis.load import load_results
     from analysis.plots import plot_tradeoff, save_figure
-    from analysis.tables import summary_table, to_markdown
+    from analysis.tables import summary_table, to_markdown, unfinished_note
 
     frames = [load_results(folder) for folder in folders]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -39,7 +39,7 @@ def summarize_sweep(sweep_dir: Path, folders: list[Path], title: str = "") -> tu
         return "no grid point finished", None
     table = summary_table(frame)
     table.to_csv(sweep_dir / "summary.csv", index=False)
-    markdown = to_markdown(table)
+    markdown = to_markdown(table) + unfinished_note(frame)
     (sweep_dir / "summary.md").write_text(f"# {title}\n\n{markdown}\n")
     from analysis.checks import COMPARABLE
 

@@ -38,6 +38,20 @@ teacher runs one forward under ``no_grad``. Kernels that recompute activations
 (gradient checkpointing, the flash-attention backward) do more work than this
 and are not counted; the count is of the model, not of recomputation.
 
+Generation (evaluation)
+-----------------------
+With a KV cache, a prompt of ``T_p`` tokens is one forward (``forward(T_p)``
+above), then every generated token is one position of one forward: ``2*P``
+FLOPs of weight matmuls (``P`` as above: the output layer included) plus its
+query against the ``c`` cached positions (itself included), ``4*h*d_h*c`` per
+layer. The i-th of ``G`` generated tokens sees ``c = T_p + i``, so one
+completion costs::
+
+    generation(T_p, G) = forward(T_p) + 2*P*G + L*4*h*d_h*(G*T_p + G*(G+1)/2)
+
+The last generated token's step is counted although its logits go unused:
+one token in ``G``, well within the estimate's accuracy.
+
 Padding
 -------
 Cost is what the hardware executes: a batch padded to ``(B, T_max)`` costs
@@ -131,6 +145,17 @@ def forward_flops(shape: ModelShape, seq_lengths: Sequence[int]) -> int:
     lengths = _check_lengths(seq_lengths)
     linear = 2 * shape.matmul_params() * sum(lengths)
     return linear + sum(attention_flops(shape, t) for t in lengths)
+
+
+def generation_flops(shape: ModelShape, prompt_tokens: int, new_tokens: int) -> int:
+    """FLOPs of one completion of ``new_tokens`` after a prompt of ``prompt_tokens`` with a KV
+    cache (formula in the module docstring)."""
+    prompt, new = int(prompt_tokens), int(new_tokens)
+    if prompt < 0 or new < 0:
+        raise ValueError(f"token counts must be >= 0, got prompt={prompt}, new={new}")
+    attention_per_position = shape.n_layers * 4 * shape.n_heads * shape.head_dim
+    decode = 2 * shape.matmul_params() * new + attention_per_position * (new * prompt + new * (new + 1) // 2)
+    return forward_flops(shape, [prompt]) + decode
 
 
 def kd_step_flops(student: ModelShape, teacher: ModelShape | None, seq_lengths: Sequence[int]) -> dict:

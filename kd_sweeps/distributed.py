@@ -11,9 +11,11 @@ Anything else, or a world of one, is a single process: no process group, every h
 no-op, and the training code runs unchanged on a laptop CPU. NCCL on CUDA, gloo on CPU.
 
 How the training loop uses this (kd_sweeps/train.py): every rank draws the same GLOBAL batch and
-trains on its own contiguous slice; each rank's loss is its supervised-token sum divided by the
-step's GLOBAL supervised-token count, and FSDP SUMS the ranks' gradients (not its default mean), so
-the update equals the single-process one. Rank 0 alone writes records, checkpoints and evaluates.
+trains on its own contiguous slice, in micro-batches of ``train.micro_batch_size`` (the accumulation
+is derived, so one global batch runs on 1, 2, 4 or 8 ranks); each rank's loss is its share of the
+step's GLOBAL value (supervised-token sum over the step's token count, or per-sequence means over
+the step's sequence count), and FSDP SUMS the ranks' gradients (not its default mean), so the
+update equals the single-process one. Rank 0 alone writes records, checkpoints and evaluates.
 """
 
 from __future__ import annotations
@@ -146,14 +148,26 @@ def agreed_signal(requested: Optional[int], env: DistEnv) -> Optional[int]:
     return next((s for s in all_gather(requested, env) if s), None)
 
 
-def micro_batch_size(batch_size: int, grad_accum: int, env: DistEnv) -> int:
-    """Sequences per micro-batch on each rank; the global batch must split evenly."""
-    parts = env.world_size * grad_accum
-    if batch_size % parts:
-        raise ValueError(f"train.batch_size={batch_size} must be divisible by world size ({env.world_size} "
-                         f"processes) x train.grad_accum={grad_accum} = {parts}: every rank trains on an "
-                         f"equal share of each global batch")
-    return batch_size // parts
+def micro_batch_size(batch_size: int, micro_batch: Optional[int], env: DistEnv) -> int:
+    """Sequences per micro-batch on each rank (``train.micro_batch_size``; None: the rank's whole
+    share). The global batch must split evenly: ``batch_size = world_size x micro x accumulation``,
+    so the same global batch runs on any number of ranks that divides it."""
+    if batch_size % env.world_size:
+        raise ValueError(f"train.batch_size={batch_size} cannot be split over {env.world_size} processes: every "
+                         f"rank trains on an equal share of each global batch (at least one sequence); use a "
+                         f"multiple of {env.world_size} (the step then differs from the recipe's), or fewer processes")
+    share = batch_size // env.world_size
+    micro_batch = micro_batch or share
+    if share % micro_batch:
+        raise ValueError(f"train.micro_batch_size={micro_batch}: each of the {env.world_size} processes trains on "
+                         f"{share} of train.batch_size={batch_size} sequences per step, in micro-batches that must "
+                         f"divide it; use a divisor of {share}")
+    return micro_batch
+
+
+def accumulation_steps(batch_size: int, micro_batch: Optional[int], env: DistEnv) -> int:
+    """Micro-batches each rank accumulates per optimizer step (derived, never configured)."""
+    return batch_size // env.world_size // micro_batch_size(batch_size, micro_batch, env)
 
 
 def rank_slice(chosen: Sequence, env: DistEnv) -> list:
@@ -168,14 +182,15 @@ def _mesh(env: DistEnv):
     return init_device_mesh(env.device.type, (env.world_size,))
 
 
-def _fully_shard_decoder(model, env: DistEnv) -> None:
+def _fully_shard_decoder(model, env: DistEnv, mp_policy=None) -> None:
     """FSDP2 on every decoder layer, then on the root (embeddings, final norm, output layer)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = _mesh(env)
+    mp_policy = mp_policy or MixedPrecisionPolicy()  # the default: compute in the parameters' dtype
     for layer in model.get_decoder().layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
 
     # The chunked loss runs the decoder and reads the head weight without ``model.forward``; this
     # method makes FSDP gather the root's parameters (and hook backward) around that call.
@@ -186,14 +201,19 @@ def _fully_shard_decoder(model, env: DistEnv) -> None:
     register_fsdp_forward_method(model, "final_hidden")
 
 
-def shard_student(model, env: DistEnv):
+def shard_student(model, env: DistEnv, precision: str = "fp32"):
     """The student as FSDP2 shards across ranks (unchanged for a single process). Call before the
-    optimizer is built: its parameters become DTensor shards."""
+    optimizer is built: its parameters become DTensor shards. The shards stay in the model's dtype
+    (fp32: the master weights AdamW steps); with ``precision="bf16"`` (resolved, not ``auto``) each
+    layer is gathered in bf16 for compute and its gradients are reduced in fp32, so no update is
+    rounded away before it reaches the fp32 shard."""
     if not env.distributed:
         return model
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
-    _fully_shard_decoder(model, env)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else None
+    _fully_shard_decoder(model, env, policy)
     # Each rank's loss is already its share of the GLOBAL mean: sum the ranks' gradients exactly
     # (a plain SUM collective, not a pre-scaled one: gloo has no PREMUL_SUM). Per FSDP unit: the
     # setters are not recursive.

@@ -54,7 +54,7 @@ def submit(cfg: DictConfig, output_dir: Path, run_id: str) -> dict:
         executor, cluster = _executor(cfg, output_dir / JOB_DIR, run_id)
         # Without this job's SLURM_* variables (array ids, ranks) and its W&B service's address.
         with submitit.helpers.clean_env(extra_names=("WANDB_SERVICE",)):
-            job = executor.submit(evaluate_point, str(output_dir))
+            job = executor.submit(EvaluationJob(), str(output_dir))
     except Exception as err:  # e.g. sbatch refused the resources: the point fails, named
         record.update(status="failed", error=f"evaluation job not submitted: {type(err).__name__}: {err}",
                       last_action="failed")
@@ -124,19 +124,49 @@ def finish_evaluation(cfg: DictConfig, output_dir: Path, run_id: str) -> dict:
     return submit(cfg, output_dir, run_id)
 
 
+class EvaluationJob:
+    """What the evaluation job runs: ``evaluate_point``. Having ``checkpoint`` makes submitit requeue
+    the job when it reaches its time limit too, not only when it is preempted (up to the executor's
+    ``max_num_timeout``); the requeued job resumes from the results files."""
+
+    def __call__(self, output_dir: str) -> dict:
+        return evaluate_point(output_dir)
+
+    def checkpoint(self, output_dir: str):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, output_dir)
+
+
 def evaluate_point(output_dir: str) -> dict:
-    """The evaluation job: evaluate ``output_dir/checkpoint`` and complete the point's record."""
+    """The evaluation job: evaluate ``output_dir/checkpoint`` and complete the point's record.
+    Stopped by a preemption signal or its time limit, it leaves the record "evaluating" (the
+    finished completions are on disk in ``eval/``) and hands the signal on: submitit requeues it."""
     from kd_sweeps import run
+    from kd_sweeps.checkpoint import Preempted
 
     folder = Path(output_dir)
     record = read_result(folder)
-    if record is None or record.get("status") != "evaluating":
+    status = None if record is None else record.get("status")
+    # "running": an earlier run of this job died without closing the record (a requeue after a kill)
+    resumable = status == "running" and "train_flops" in (record.get("summary") or {})
+    if status != "evaluating" and not resumable:
         raise RuntimeError(f"{folder / 'result.json'}: expected a point whose training finished "
-                           f"(status 'evaluating'), found {None if record is None else record.get('status')!r}")
+                           f"(status 'evaluating'), found {status!r}")
     cfg = OmegaConf.create(record["config"])
     os.environ.setdefault("WANDB_SILENT", "true")
+    stopped = None
     with Tracker.reopen(folder, record, cfg.logger) as tracker:
-        summary = run.evaluate_checkpoint(cfg, folder / "checkpoint")
-        tracker.set_summary(summary)
+        tracker.status_on_success = "evaluating"  # until the summary is in
+        try:
+            summary = run.evaluate_checkpoint(cfg, folder / "checkpoint")
+        except Preempted as stop:
+            stopped = stop
+        else:
+            tracker.status_on_success = "ok"
+            tracker.set_summary(summary)
+    if stopped is not None:
+        log.info("run %s: evaluation stopped by a signal; the requeued job resumes it", tracker.run_id)
+        stopped.hand_over()  # submitit: requeue and exit
     log.info("run %s: accuracy %.3f ± %.3f", tracker.run_id, summary["accuracy"], summary["accuracy_stderr"])
     return summary

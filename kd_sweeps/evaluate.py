@@ -1,18 +1,34 @@
 """Evaluation: generate answers to held-out problems, check them, report accuracy ± standard error.
 
-Greedy by default (one sample per problem); with ``n_samples > 1`` and a temperature, accuracy is
+Generation stops where the assistant's turn ends: at the first token of the stop set (the
+tokenizer's eos, the chat template's end-of-turn token, the model's ``generation_config`` eos ids),
+in every engine; the completion is cut there and the stop token counts as generated. Sampling is
+the same in every engine, every knob explicit (``eval.temperature``, ``top_p``, ``top_k``,
+``n_samples``, ``max_new_tokens``); temperature 0 is greedy. With ``n_samples > 1`` accuracy is
 pass@1 estimated as the mean over samples, and the standard error is taken over problems.
+
+With a ``results_file`` the evaluation is resumable: every completion is appended to it (one
+fsync'd JSON line) the moment it ends, keyed by everything that decides it (``eval_store``), and a
+relaunched evaluation generates only what is not there yet.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
 from kd_sweeps.data import prompt_messages
+from kd_sweeps.generate import Generated, Request, Sampling
+
+log = logging.getLogger(__name__)
+ENGINES = ("transformers", "vllm", "auto")
+_SENTINEL = "KDSWEEPSENDOFTURNPROBE"  # an assistant turn's content, to find what the template puts after it
 
 
 @dataclass
@@ -20,8 +36,19 @@ class EvalResult:
     accuracy: float
     stderr: float
     n: int  # problems
-    generated_tokens: int  # eval cost: tokens produced (up to and including the end token)
+    generated_tokens: int  # eval cost: tokens produced (up to and including the stop token)
     per_problem: list[float]  # mean correctness per problem, for paired comparisons
+    finished_rate: float = float("nan")  # fraction of completions that ended with a stop token
+    gen_tokens_mean: float = float("nan")  # generated tokens per completion
+    gen_tokens_max: int = 0
+    resumed: int = 0  # completions read back from the results file instead of generated
+
+
+@dataclass
+class Completion:
+    text: str  # decoded up to (not including) the stop token; <think>/</think> kept
+    tokens: int  # generated tokens, the stop token included
+    finished: bool  # ended with a stop token (False: reached max_new_tokens)
 
 
 def answers_match(completion: str, gold: str) -> bool:
@@ -50,9 +77,6 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-ENGINES = ("transformers", "vllm", "auto")
-
-
 def resolve_engine(engine: str, device) -> str:
     """``auto``: vllm when it is installed and the run is on CUDA, else transformers."""
     if engine not in ENGINES:
@@ -71,42 +95,76 @@ def chat_prompts(tokenizer, records: Sequence[dict]) -> list[str]:
             for r in records]
 
 
-def completion_text(tokenizer, ids: Sequence[int]) -> tuple[str, int]:
-    """(text, generated-token count) of one completion's ids: cut after the first end token (counted:
-    it was generated), padding dropped; <think>/</think> are kept, the answer is looked for after them."""
-    ids = list(ids)
-    if tokenizer.eos_token_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-    else:
-        ids = [t for t in ids if t != tokenizer.pad_token_id]
-    text_ids = [t for t in ids if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
-    return tokenizer.decode(text_ids, skip_special_tokens=False), len(ids)
+def end_of_turn_id(tokenizer) -> Optional[int]:
+    """The special token the chat template writes right after an assistant turn's content
+    (``<|im_end|>`` for Qwen), read from the template itself: one turn is rendered around a sentinel
+    and the first non-blank token after it is taken if it is special. None when the template writes
+    none there (or cannot render an assistant turn)."""
+    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation has no answer here
+        return None
+    if not isinstance(text, str) or _SENTINEL not in text:
+        return None
+    after = tokenizer(text.split(_SENTINEL, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    for token in after:
+        if token in special:
+            return int(token)
+        if tokenizer.decode([token]).strip():  # plain text first: no end-of-turn token
+            return None
+    return None
 
 
-@torch.no_grad()
-def generate_answers(model, tokenizer, records: Sequence[dict], eval_cfg, device) -> tuple[list[list[str]], int]:
-    """Completions for every record (n_samples each) and the number of generated tokens."""
-    model.eval()
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    prompts = chat_prompts(tokenizer, records)
-    sampling = eval_cfg.temperature > 0
-    outputs: list[list[str]] = [[] for _ in records]
-    generated = 0
-    for _ in range(eval_cfg.n_samples):
-        for start in range(0, len(prompts), eval_cfg.batch_size):
-            enc = tokenizer(prompts[start:start + eval_cfg.batch_size], return_tensors="pt",
-                            padding=True, add_special_tokens=False).to(device)
-            kwargs = dict(do_sample=True, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p) \
-                if sampling else dict(do_sample=False)
-            out = model.generate(**enc, max_new_tokens=eval_cfg.max_new_tokens,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                 **kwargs)
-            new = out[:, enc["input_ids"].shape[1]:]  # (B, new tokens)
-            for row, tokens in enumerate(new):
-                text, count = completion_text(tokenizer, tokens.tolist())
-                generated += count
-                outputs[start + row].append(text)
-    return outputs, generated
+def _as_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def stop_token_ids(tokenizer, model=None, checkpoint=None) -> list[int]:
+    """Where generation stops: the tokenizer's eos, the chat template's end-of-turn token, and every
+    eos id of the model's generation config (``model.generation_config``, or the checkpoint folder's
+    generation_config.json). First occurrence order, no repeats."""
+    ids = _as_ids(tokenizer.eos_token_id) + _as_ids(end_of_turn_id(tokenizer))
+    config = getattr(model, "generation_config", None)
+    if config is None and checkpoint is not None and (Path(checkpoint) / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        config = GenerationConfig.from_pretrained(checkpoint)
+    if config is not None:
+        ids += _as_ids(config.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+def cut_completion(tokenizer, ids: Sequence[int], stop_ids: Sequence[int]) -> Completion:
+    """One completion's ids → text cut before the first stop token (which is counted: it was
+    generated), padding after it dropped; without a stop token, padding (if any) is dropped."""
+    ids, stops = [int(t) for t in ids], set(stop_ids)
+    end = next((i for i, t in enumerate(ids) if t in stops), None)
+    if end is not None:
+        return Completion(tokenizer.decode(ids[:end], skip_special_tokens=False), end + 1, True)
+    ids = [t for t in ids if t != tokenizer.pad_token_id]
+    return Completion(tokenizer.decode(ids, skip_special_tokens=False), len(ids), False)
+
+
+def completion_text(tokenizer, ids: Sequence[int], stop_ids: Optional[Sequence[int]] = None) -> tuple[str, int]:
+    """(text, generated-token count) of one completion; ``stop_ids`` default: the tokenizer's eos."""
+    done = cut_completion(tokenizer, ids, stop_ids if stop_ids is not None else _as_ids(tokenizer.eos_token_id))
+    return done.text, done.tokens
+
+
+def sampling_settings(eval_cfg) -> Sampling:
+    """The decoding knobs of ``eval`` (an object without ``top_k`` means top-k off)."""
+    return Sampling(temperature=float(eval_cfg.temperature), top_p=float(eval_cfg.top_p),
+                    top_k=int(getattr(eval_cfg, "top_k", 0) or 0), max_new_tokens=int(eval_cfg.max_new_tokens))
+
+
+def request_seed(seed: int, problem: int, sample: int) -> int:
+    """The sampling seed of one (problem, sample): independent of batching and of resumption."""
+    digest = hashlib.sha256(f"{seed}:{problem}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")  # < 2**56: valid for torch and vLLM alike
 
 
 def benchmark_records(name: str, eval_cfg) -> list[dict]:
@@ -117,24 +175,87 @@ def benchmark_records(name: str, eval_cfg) -> list[dict]:
     return load_benchmark(name, path=path, n=eval_cfg.n_problems, prompt_style=eval_cfg.prompt_style)
 
 
-def evaluate(model, tokenizer, records: Sequence[dict], eval_cfg, device, checkpoint=None,
-             seed: int = 0) -> EvalResult:
-    """Generate with ``eval_cfg.engine`` (transformers on ``model``; vLLM from the saved
-    ``checkpoint`` folder, with ``seed``) and score the completions."""
-    engine = resolve_engine(getattr(eval_cfg, "engine", "transformers"), device)
-    if engine == "vllm":
-        from kd_sweeps.generate_vllm import generate_answers_vllm
+@dataclass
+class _Collector:
+    """Turns finished generations into scored rows, stores them, and keeps them by (problem, sample)."""
 
+    tokenizer: object
+    records: Sequence[dict]
+    stop_ids: Sequence[int]
+    store: object = None  # eval_store.ResultStore or None
+    rows: dict = field(default_factory=dict)
+
+    def __call__(self, finished: list[Generated]) -> None:
+        new = []
+        for item in finished:
+            problem, sample = item.key
+            done = cut_completion(self.tokenizer, item.tokens, self.stop_ids)
+            new.append({"problem": problem, "sample": sample, "completion": done.text, "tokens": done.tokens,
+                        "finished": done.finished,
+                        "correct": answers_match(done.text, self.records[problem]["answer"])})
+        if self.store is not None:
+            self.store.append(new)  # on disk before anything else happens: a kill loses none of them
+        self.rows.update({(row["problem"], row["sample"]): row for row in new})
+
+
+def evaluate(model, tokenizer, records: Sequence[dict], eval_cfg, device, checkpoint=None, seed: int = 0,
+             results_file=None) -> EvalResult:
+    """Generate with ``eval_cfg.engine`` (transformers on ``model``; vLLM from the saved ``checkpoint``
+    folder) and score the completions. ``results_file``: resume from / append to it (needs
+    ``checkpoint``, whose files are part of the results' key)."""
+    from kd_sweeps import eval_store
+
+    engine = resolve_engine(getattr(eval_cfg, "engine", "transformers"), device)
+    if engine == "vllm" and checkpoint is None:
+        raise ValueError("eval.engine=vllm generates from a saved checkpoint folder; none was given")
+    sampling = sampling_settings(eval_cfg)
+    stop_ids = stop_token_ids(tokenizer, model, checkpoint)
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chat_prompts(tokenizer, records)]
+    store = None
+    if results_file is not None:
         if checkpoint is None:
-            raise ValueError("eval.engine=vllm generates from a saved checkpoint folder; none was given")
-        completions, generated = generate_answers_vllm(checkpoint, tokenizer, records, eval_cfg, seed)
-    else:
-        completions, generated = generate_answers(model, tokenizer, records, eval_cfg, device)
-    return score(records, completions, generated)
+            raise ValueError("a resumable evaluation (results_file) needs the checkpoint folder it evaluates")
+        key = eval_store.results_key(checkpoint=checkpoint, sampling=sampling, stop_ids=stop_ids, seed=seed,
+                                     engine=engine)
+        store = eval_store.ResultStore(results_file, key, prompts, [r["answer"] for r in records])
+    collect = _Collector(tokenizer, records, stop_ids, store, dict(store.load()) if store else {})
+    resumed = len(collect.rows)
+    todo = [Request((p, s), prompts[p], request_seed(seed, p, s)) for p in range(len(records))
+            for s in range(eval_cfg.n_samples) if (p, s) not in collect.rows]
+    if resumed:
+        log.info("evaluation resumed from %s: %d completions done, %d to generate", results_file, resumed, len(todo))
+    if todo:
+        with eval_store.preemption_check() as check:
+            if engine == "vllm":
+                from kd_sweeps.generate_vllm import generate_vllm
+
+                generate_vllm(checkpoint, todo, stop_ids, sampling, seed, collect, check)
+            else:
+                from kd_sweeps.generate import continuous_generate
+
+                continuous_generate(model, todo, stop_ids, sampling, eval_cfg.batch_size, tokenizer.pad_token_id,
+                                    collect, check)
+    rows = [[collect.rows[(p, s)] for s in range(eval_cfg.n_samples)] for p in range(len(records))]
+    result = summarize(rows)
+    result.resumed = resumed
+    return result
+
+
+def summarize(rows: Sequence[Sequence[dict]]) -> EvalResult:
+    """EvalResult from every problem's scored samples (dicts with correct, tokens, finished)."""
+    per_problem = [sum(bool(s["correct"]) for s in samples) / len(samples) for samples in rows]
+    flat = [s for samples in rows for s in samples]
+    accuracy, stderr = mean_stderr(per_problem)
+    counts = [int(s["tokens"]) for s in flat]
+    return EvalResult(accuracy, stderr, len(rows), sum(counts), per_problem,
+                      finished_rate=sum(bool(s["finished"]) for s in flat) / len(flat) if flat else float("nan"),
+                      gen_tokens_mean=sum(counts) / len(counts) if counts else float("nan"),
+                      gen_tokens_max=max(counts, default=0))
 
 
 def score(records: Sequence[dict], completions: Sequence[Sequence[str]], generated: int) -> EvalResult:
-    """Accuracy ± standard error over problems from every record's completions (either engine's)."""
+    """Accuracy ± standard error over problems from every record's completion texts (either
+    engine's); token counts and stops are not known here, so only the total is reported."""
     per_problem = []
     for record, samples in zip(records, completions):
         hits = [answers_match(text, record["answer"]) for text in samples]

@@ -1,28 +1,32 @@
 """Generation through vLLM (the optional ``vllm`` extra), for ``eval.engine=vllm`` or ``auto`` on CUDA.
 
-The same prompts as the transformers path (``evaluate.chat_prompts``, tokenized without added
-special tokens and handed over as token ids, so both engines start from identical tokens), the same
-sampling settings, the same cut at the end token and token count (``evaluate.completion_text``),
-so ``evaluate.score`` turns either engine's output into the same EvalResult.
+The same requests as the transformers engine (``evaluate``: one per (problem, sample), prompt token
+ids from the same chat template, a seed per request), the same sampling knobs passed explicitly
+(temperature, top-p, top-k with 0 = off, max new tokens; vLLM reads no generation-config default
+once SamplingParams are given), the same stop set (``stop_token_ids``), and the same cut and token
+count (``evaluate.cut_completion``), so either engine's completions score the same way.
+
+Requests go to vLLM in chunks; the completions of a chunk are handed to ``on_finish`` (and so to
+the results file) as soon as it ends, and the preemption check runs between chunks.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from kd_sweeps.evaluate import chat_prompts, completion_text
+from kd_sweeps.generate import Generated, Request, Sampling
 
-
-def _engine(checkpoint: str, seed: int):
-    from vllm import LLM
-
-    return LLM(model=checkpoint, tokenizer=checkpoint, dtype="auto", seed=seed)  # dtype: as saved
+# Requests per vLLM call. Larger keeps vLLM's scheduler fuller at the chunk's tail (it waits for
+# the chunk's longest completion); smaller loses less work to a kill. 256 is vLLM's default
+# max_num_seqs: a chunk fills the running batch once and refills it from its own queue.
+CHUNK = 256
 
 
 def _free_gpu() -> None:
-    """Give the engine's GPU memory back (it reserves most of the GPU): with launcher=basic the next
-    grid point trains in this same process. Best effort: vLLM frees its memory when collected."""
+    """Give cached CUDA memory back: before the engine starts (the training that ran in this process
+    may still hold its allocator's cache, which vLLM would count as used) and after it ends (with
+    launcher=basic the next grid point trains in this same process)."""
     import gc
 
     import torch
@@ -32,35 +36,52 @@ def _free_gpu() -> None:
         torch.cuda.empty_cache()
 
 
-def sampling_params(tokenizer, eval_cfg, seed: int):
+def _engine(checkpoint: str, seed: int):
+    from vllm import LLM
+
+    return LLM(model=checkpoint, tokenizer=checkpoint, dtype="auto", seed=seed)  # dtype: as saved
+
+
+def sampling_params(request: Request, sampling: Sampling, stop_ids: Sequence[int]):
     from vllm import SamplingParams
 
-    greedy = eval_cfg.temperature <= 0
-    return SamplingParams(n=eval_cfg.n_samples, temperature=0.0 if greedy else eval_cfg.temperature,
-                          top_p=1.0 if greedy else eval_cfg.top_p, max_tokens=eval_cfg.max_new_tokens,
-                          seed=seed, stop_token_ids=[tokenizer.eos_token_id], skip_special_tokens=False)
+    greedy = sampling.temperature <= 0
+    return SamplingParams(n=1, temperature=0.0 if greedy else sampling.temperature,
+                          top_p=1.0 if greedy else sampling.top_p,
+                          top_k=-1 if greedy or sampling.top_k <= 0 else sampling.top_k,  # -1: off
+                          max_tokens=request.max_new_tokens or sampling.max_new_tokens, seed=request.seed,
+                          stop_token_ids=list(stop_ids), skip_special_tokens=False)
 
 
-def generate_answers_vllm(checkpoint, tokenizer, records: Sequence[dict], eval_cfg,
-                          seed: int = 0) -> tuple[list[list[str]], int]:
-    """Completions for every record (n_samples each) and the number of generated tokens."""
-    prompts = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]}
-               for p in chat_prompts(tokenizer, records)]
+def _tokens(sample, stop_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """A vLLM sample's ids with the stop token it ended on (vLLM may leave it out of token_ids)."""
+    tokens = list(sample.token_ids)
+    stopped = sample.finish_reason == "stop"
+    if stopped and not (tokens and tokens[-1] in stop_ids):
+        reason = sample.stop_reason  # the stop id; None: the model's own eos (counted as the first stop id)
+        tokens.append(int(reason) if isinstance(reason, int) else int(stop_ids[0]))
+    return tokens, stopped
+
+
+def generate_vllm(checkpoint, requests: Sequence[Request], stop_ids: Sequence[int], sampling: Sampling,
+                  seed: int, on_finish: Callable[[list[Generated]], None],
+                  check: Callable[[], None] = lambda: None) -> None:
+    """Generate every request with vLLM from the saved ``checkpoint`` folder."""
+    _free_gpu()
     # One engine per call (per benchmark): building it costs far less than generating at 32k tokens,
     # and nothing holds the GPU between benchmarks or grid points.
     llm = _engine(str(Path(checkpoint).resolve()), seed)
     try:
-        results = llm.generate(prompts, sampling_params(tokenizer, eval_cfg, seed), use_tqdm=False)
+        for start in range(0, len(requests), CHUNK):
+            check()
+            chunk = requests[start:start + CHUNK]
+            results = llm.generate([{"prompt_token_ids": list(r.prompt)} for r in chunk],
+                                   [sampling_params(r, sampling, stop_ids) for r in chunk], use_tqdm=False)
+            finished = []
+            for request, result in zip(chunk, results):  # in request order
+                tokens, stopped = _tokens(result.outputs[0], stop_ids)
+                finished.append(Generated(request.key, tokens, stopped))
+            on_finish(finished)
     finally:
         del llm  # the last reference: collected below
         _free_gpu()
-    outputs: list[list[str]] = []
-    generated = 0
-    for result in results:  # in prompt order
-        samples = []
-        for sample in result.outputs:
-            text, count = completion_text(tokenizer, sample.token_ids)
-            samples.append(text)
-            generated += count
-        outputs.append(samples)
-    return outputs, generated

@@ -12,12 +12,15 @@ import json
 # Keys that say where/how a point runs or is logged, not what it computes.
 NON_IDENTITY_KEYS = ("logger", "output_dir", "cache_dir", "sweep", "extra", "launcher", "force", "hydra")
 NON_IDENTITY_EVAL_KEYS = ("separate_job", "job")  # which job evaluates, with what resources
+NON_IDENTITY_DATA_KEYS = ("num_proc",)  # how many processes tokenize: the same rows either way
 
 
 def identity_config(resolved: dict) -> dict:
     kept = {k: v for k, v in resolved.items() if k not in NON_IDENTITY_KEYS}
     if isinstance(kept.get("eval"), dict):
         kept["eval"] = {k: v for k, v in kept["eval"].items() if k not in NON_IDENTITY_EVAL_KEYS}
+    if isinstance(kept.get("data"), dict):
+        kept["data"] = {k: v for k, v in kept["data"].items() if k not in NON_IDENTITY_DATA_KEYS}
     return kept
 
 

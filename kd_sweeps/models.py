@@ -41,9 +41,19 @@ def spec_dict(spec) -> dict:
     return OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else dict(spec)
 
 
-def embedded_key(spec: dict, role: str) -> str:
-    """A short hash of what defines an embedded model (its spec, role, task and tokenizer version)."""
-    payload = json.dumps({"spec": spec, "role": role, "task": TASK_VERSION}, sort_keys=True)
+def resolved_spec(spec: dict, device=None) -> dict:
+    """``spec`` with ``prep_precision`` resolved for ``device`` (default: the one train.device=auto
+    picks): a model prepared in fp32 is not the one prepared in bf16, so each has its own cache key."""
+    from kd_sweeps import precision
+
+    device = precision.default_device() if device is None else device
+    return {**spec, "prep_precision": precision.resolve(spec.get("prep_precision", "auto"), device)}
+
+
+def embedded_key(spec: dict, role: str, device=None) -> str:
+    """A short hash of what defines an embedded model (its spec with the precision it is prepared in,
+    role, task and tokenizer version)."""
+    payload = json.dumps({"spec": resolved_spec(spec, device), "role": role, "task": TASK_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -98,10 +108,13 @@ def prepare_embedded(spec: dict, role: str, tokenizer, cache_dir: Path, attn: st
     """Load the cached embedded model, or build, train and evaluate it first (once, under a lock)."""
     from transformers import Qwen3ForCausalLM
 
+    spec = resolved_spec(spec, device)
+    path = cache_dir / f"{role}-{embedded_key(spec, role)}"
+
     def build(tmp: Path) -> None:
         started = time.perf_counter()
         model = Qwen3ForCausalLM._from_config(qwen3_config(spec, tokenizer), attn_implementation=attn)
-        info = _prepare(model, spec, role, tokenizer, device)
+        info = _prepare(model, spec, role, tokenizer, device, path)
         info["prep_time_s"] = time.perf_counter() - started
         info["built_by_pid"] = os.getpid()
         model.save_pretrained(tmp)
@@ -113,14 +126,13 @@ def prepare_embedded(spec: dict, role: str, tokenizer, cache_dir: Path, attn: st
         info = json.loads((folder / "prep.json").read_text())
         return Qwen3ForCausalLM.from_pretrained(folder, attn_implementation=attn), info
 
-    path = cache_dir / f"{role}-{embedded_key(spec, role)}"
     model, info = _cached_or_built(path, "prep.json", load, build)
     return PreparedModel(model.to(device), str(path), info)
 
 
-def _prepare(model, spec: dict, role: str, tokenizer, device) -> dict:
+def _prepare(model, spec: dict, role: str, tokenizer, device, cached_at: Path) -> dict:
     """CE training on the embedded task (problems of prep_min..prep_max steps), then held-out accuracy
-    on the full range of problem lengths."""
+    on the full range of problem lengths. ``spec`` has its precision resolved."""
     from kd_sweeps import data, evaluate, train
     from kd_sweeps.synthetic import make_split
 
@@ -131,8 +143,9 @@ def _prepare(model, spec: dict, role: str, tokenizer, device) -> dict:
     examples, _ = data.training_examples(encoded, ("P", "CoT", "A"), 1.0, "lead", False, seed)
     settings = train.LoopSettings(max_steps=spec["prep_steps"], batch_size=spec["prep_batch_size"],
                                   lr=spec["prep_lr"], weight_decay=0.01, warmup_ratio=0.05,
-                                  precision=spec.get("prep_precision", "bf16"), seed=seed)
+                                  precision=spec["prep_precision"], seed=seed)
     if spec["prep_steps"] > 0:
+        _announce(model, spec, role, examples, tokenizer.pad_token_id, device, cached_at)
         train.train_loop(model, None, examples, tokenizer.pad_token_id, settings, train.LossSettings(kd_ratio=0.0),
                          device, desc=f"prepare {role}")
     # Held-out combinations of every length 2..12 (the sweep's test split), in a fixed order.
@@ -142,13 +155,52 @@ def _prepare(model, spec: dict, role: str, tokenizer, device) -> dict:
             "spec": spec, "params": sum(p.numel() for p in model.parameters())}
 
 
+_PURPOSE = {"teacher": "the teacher every grid point distils from",
+            "base": "the base checkpoint every grid point's student starts from"}
+
+
+def _announce(model, spec: dict, role: str, examples, pad_id: int, device, cached_at: Path) -> None:
+    """Before a one-time preparation: a log line saying what is prepared, why, where it is cached and
+    about how long it takes here (from a training step timed now: machines differ by 4x and more)."""
+    from kd_sweeps.train import format_duration
+
+    per_step = _seconds_per_step(model, examples[:spec["prep_batch_size"]], pad_id, spec["prep_precision"] == "bf16",
+                                 device)
+    log.info("preparing the embedded %s model (%d layers, hidden %d; %d CE steps of %d sequences in %s), "
+             "%s: not in the cache yet, so it is built once and reused from %s. About %s on this machine "
+             "(%.0f ms per step, timed now), plus a held-out evaluation",
+             role, spec["layers"], spec["hidden"], spec["prep_steps"], spec["prep_batch_size"],
+             spec["prep_precision"], _PURPOSE.get(role, role), cached_at,
+             format_duration(per_step * spec["prep_steps"]), 1000 * per_step)
+
+
+def _seconds_per_step(model, examples, pad_id: int, autocast: bool, device) -> float:
+    """Seconds of one forward + backward over ``examples`` (the faster of two runs: the first pays
+    one-time costs). The gradients are dropped: nothing of the measurement reaches training."""
+    from kd_sweeps import data, train
+
+    batch = {k: v.to(device) for k, v in data.collate(examples, pad_id).items()}
+    n_supervised = sum(e.n_supervised for e in examples)
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        scaled, _, _ = train.step_losses(model, None, batch, n_supervised, train.LossSettings(kd_ratio=0.0), autocast)
+        scaled.backward()
+        times.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    return min(times)
+
+
 @dataclass
 class _EvalDefaults:
+    """Greedy, as the sweep's own evaluation of the embedded task (conf/eval/synthetic.yaml)."""
+
     max_new_tokens: int = 256
     batch_size: int = 100
     n_samples: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
 
 
 class ModelError(ValueError):
@@ -215,7 +267,10 @@ def teacher_without_weights(cfg, tokenizer) -> Optional[PreparedModel]:
     embedded teacher not prepared yet, a config that does not give its vocabulary size)."""
     spec = cfg.model.teacher
     if spec.source == "embedded":
-        path = Path(cfg.cache_dir).expanduser() / f"teacher-{embedded_key(spec_dict(spec), 'teacher')}"
+        from kd_sweeps.precision import default_device
+
+        key = embedded_key(spec_dict(spec), "teacher", default_device(cfg.train.device))
+        path = Path(cfg.cache_dir).expanduser() / f"teacher-{key}"
         if not (path / "prep.json").exists():
             return None
         return PreparedModel(None, str(path), json.loads((path / "prep.json").read_text()), len(tokenizer))
@@ -247,14 +302,25 @@ def load_pair(cfg, tokenizer, device, teacher: Optional[PreparedModel] = None) -
             loaded[role] = prepare_embedded(spec_dict(spec), label, tokenizer, cache_dir,
                                             cfg.model.attn_implementation, device)
         else:
-            dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
             loaded[role] = load_pretrained(spec.name_or_path, cfg.model.attn_implementation,
-                                           cfg.model.trust_remote_code, dtype, device, key=f"model.{role}.name_or_path")
+                                           cfg.model.trust_remote_code, _load_dtype(cfg, role, device), device,
+                                           key=f"model.{role}.name_or_path")
     if teacher is None:  # a stand-in's rows were checked from its config above
         loaded["teacher"].model.requires_grad_(False)
         loaded["teacher"].model.eval()
         check_vocabularies(teacher_tok, tokenizer, loaded["teacher"].model, loaded["student"].model, names)
     return loaded["teacher"], loaded["student"]
+
+
+def _load_dtype(cfg, role: str, device) -> torch.dtype:
+    """The student is trained: its master weights (and so AdamW's state) are fp32 whatever the
+    compute precision, since a bf16 copy rounds fine-tuning updates away. The frozen teacher only
+    computes: bf16 when the run computes in bf16 (half the memory), fp32 otherwise."""
+    from kd_sweeps.precision import resolve
+
+    if role == "student":
+        return torch.float32
+    return torch.bfloat16 if resolve(cfg.train.precision, device) == "bf16" else torch.float32
 
 
 def _label(spec) -> str:

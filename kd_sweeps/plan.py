@@ -41,6 +41,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_sweeps.cost import ModelShape, kd_step_flops
+from kd_sweeps.plan_eval import (DEFAULT_TOKEN_FRACTION, DEFAULT_TOKENS_PER_S, EvalAssumptions, EvalCost,
+                                 duration, eval_cost, fit_warning)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CHARS_PER_TOKEN = 3.5  # length estimate for pretrained tokenizers (see estimated_sequences)
@@ -79,6 +81,7 @@ class GridComposer:
         self.parser = OverridesParser.create(config_loader=self.loader)  # glob() lists config groups
         self._repo = CachingConfigRepository(self.loader.repository)
         self._bases: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
+        self._timeouts: dict[tuple[str, ...], float | None] = {}  # hydra.launcher.timeout_min
         self._parsed: dict = {}
 
     def _parse(self, line: str):
@@ -104,22 +107,38 @@ class GridComposer:
         with self.composed(point) as cfg:
             return copy.deepcopy(cfg)
 
+    def _split(self, point: list[str]):
+        """(config-value overrides, group choices) of a point, by Hydra's own split: the overrides
+        the defaults list consumes vs those applied to config values."""
+        parsed = [self._parse(line) for line in point]
+        values = Overrides(self._repo, parsed).config_overrides
+        value_ids = {id(o) for o in values}
+        return values, tuple(o.input_line for o in parsed if id(o) not in value_ids)
+
+    def _base(self, choices: tuple[str, ...]) -> tuple[DictConfig, DictConfig]:
+        if choices not in self._bases:
+            base = self.loader.load_sweep_config(self.master, list(choices))
+            # The launcher (a group choice, e.g. launcher=slurm_gpu_4b_8b) sets the job's time limit;
+            # the basic launcher has none.
+            self._timeouts[choices] = OmegaConf.select(base, "hydra.launcher.timeout_min", default=None)
+            with open_dict(base):
+                del base["hydra"]
+            self._bases[choices] = (base, copy.deepcopy(base))
+        return self._bases[choices]
+
+    def launcher_timeout_min(self, point: list[str]) -> float | None:
+        """The point's job time limit in minutes (``hydra.launcher.timeout_min``; None: no limit)."""
+        choices = self._split(point)[1]
+        self._base(choices)
+        return self._timeouts[choices]
+
     @contextmanager
     def composed(self, point: list[str]):
         """Like ``compose``, valid only inside the ``with`` block: the shared composition of the point's
         group choices is updated in place and restored afterwards, which is several times faster
         than copying a whole config per point."""
-        parsed = [self._parse(line) for line in point]
-        # Hydra's own split: overrides the defaults list consumes (group choices) vs config values.
-        values = Overrides(self._repo, parsed).config_overrides
-        value_ids = {id(o) for o in values}
-        choices = tuple(o.input_line for o in parsed if id(o) not in value_ids)
-        if choices not in self._bases:
-            base = self.loader.load_sweep_config(self.master, list(choices))
-            with open_dict(base):
-                del base["hydra"]
-            self._bases[choices] = (base, copy.deepcopy(base))
-        work, pristine = self._bases[choices]
+        values, choices = self._split(point)
+        work, pristine = self._base(choices)
         if any(o.is_add() or o.is_force_add() or o.is_delete() for o in values):
             work = copy.deepcopy(pristine)  # keys appear or vanish: restoring is not worth it
         touched = {o.key_or_group.split(".")[0] for o in values}
@@ -147,7 +166,7 @@ class Sequences:
 def encoded_sequences(data_cfg, tokenizer) -> Sequences:
     from kd_sweeps import data
 
-    encoded, _ = data.encode(data.load_records(data_cfg, "train"), tokenizer, data_cfg.max_tokens)
+    encoded, _, _ = data.load_encoded(data_cfg, "train", tokenizer)  # a real dataset: length-filtered, then split
     length = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     cot = np.array([e.spans.cot for e in encoded], dtype=np.int64).reshape(-1, 2)
     return Sequences(length, cot[:, 0], cot[:, 1], exact=True)
@@ -190,14 +209,14 @@ def point_tokens(seqs: Sequences, trunc: float, mode: str, sections, cut_after_t
         end = start + keep
     elif mode == "right":
         start, end = length - keep, length
-    else:  # random_labels: every token kept, round(trunc * n) of the labels
+    else:  # random_labels: every token kept, n - round((1 - trunc) * n) of the labels
         start, end = np.zeros_like(length), length
     bounds = {"P": (0, seqs.cot_start), "CoT": (seqs.cot_start, seqs.cot_end), "A": (seqs.cot_end, seqs.length)}
     first = start + 1  # the first kept token has no predecessor in the window: never a target
     supervised = sum(np.clip(np.minimum(hi, end) - np.maximum(lo, first), 0, None)
                      for lo, hi in (bounds[s] for s in dict.fromkeys(sections)))
     if mode == "random_labels":
-        supervised = np.round(trunc * supervised).astype(np.int64)
+        supervised = supervised - np.round((1.0 - trunc) * supervised).astype(np.int64)
     return end - start, supervised
 
 
@@ -267,27 +286,40 @@ class PlannedPoint:
     flops: float | None = None  # training FLOPs, student + teacher
     peak_memory: int | None = None  # bytes, one training process
     exact_tokens: bool = True
+    eval: EvalCost | None = None  # generation cost (kd_sweeps.plan_eval)
+    warnings: list[str] = field(default_factory=list)  # will not stop the launch, may stop the point
 
 
 @dataclass
 class Plan:
     points: list[PlannedPoint]
     seconds: float = 0.0
+    assumptions: EvalAssumptions = field(default_factory=EvalAssumptions)
 
     @property
     def problems(self) -> list[str]:
         return [f"point {p.index} ({' '.join(p.overrides) or 'no overrides'}): {issue}"
                 for p in self.points for issue in p.problems]
 
+    @property
+    def warnings(self) -> list[str]:
+        return [f"point {p.index} ({' '.join(p.overrides) or 'no overrides'}): {warning}"
+                for p in self.points for warning in p.warnings]
+
     def total(self, key: str) -> float:
         return sum(getattr(p, key) or 0 for p in self.points)
+
+    def eval_total(self, key: str) -> float:
+        return sum(getattr(p.eval, key) for p in self.points if p.eval is not None)
 
 
 class _Estimator:
     """Per-point cost; caches what many points share (encoded data, tokenizer, model shapes)."""
 
-    def __init__(self, assumed_lengths: tuple[int, int, int] | None = None):
+    def __init__(self, assumed_lengths: tuple[int, int, int] | None = None,
+                 eval_assumptions: EvalAssumptions | None = None):
         self.assumed_lengths = assumed_lengths  # (P, CoT, A) tokens where the data cannot be read
+        self.eval_assumptions = eval_assumptions or EvalAssumptions()
         self._sequences: dict[str, Sequences | Exception] = {}
         self._shapes: dict[str, ModelShape | None] = {}
         self._tokenizer = None
@@ -331,7 +363,7 @@ class _Estimator:
                 self._shapes[key] = pretrained_shape(spec.name_or_path)
         return self._shapes[key]
 
-    def fill(self, point: PlannedPoint, cfg: DictConfig) -> None:
+    def fill(self, point: PlannedPoint, cfg: DictConfig, launcher_timeout_min: float | None = None) -> None:
         shapes = {}
         for role in ("student", "teacher"):
             shapes[role] = self.shape(cfg.model[role])
@@ -355,7 +387,8 @@ class _Estimator:
         if point.problems:
             return
         lengths, supervised = lengths[kept], supervised[kept]
-        sequences = train.max_steps * train.batch_size
+        steps = train.max_steps or math.ceil(train.epochs * int(kept.sum()) / train.batch_size)  # null: from epochs
+        sequences = steps * train.batch_size
         point.tokens = sequences * float(lengths.mean())
         point.supervised = sequences * float(supervised.mean())
         # With the teacher's top-k cache no teacher runs per step (its one build is shared by the sweep).
@@ -369,11 +402,17 @@ class _Estimator:
             per_sequence -= head * float((lengths - supervised).sum())
         point.flops = sequences * per_sequence / len(lengths)
         point.exact_tokens = seqs.exact
-        weights = 4 if cfg.model.student.source == "embedded" or train.precision == "fp32" else 2
-        teacher_weights = 4 if cfg.model.teacher.source == "embedded" or train.precision == "fp32" else 2
-        point.peak_memory = peak_memory_bytes(student, teacher, weights, teacher_weights,
-                                              train.precision == "bf16", train.batch_size // train.grad_accum,
+        # The student's master weights are fp32 always (models.load_pair); a pretrained teacher is
+        # loaded in bf16 unless the run computes in fp32 (auto: assumed bf16, a cluster GPU).
+        bf16 = train.precision != "fp32"
+        teacher_weights = 4 if cfg.model.teacher.source == "embedded" or not bf16 else 2
+        point.peak_memory = peak_memory_bytes(student, teacher, 4, teacher_weights, bf16,
+                                              train.micro_batch_size or train.batch_size,
                                               int(lengths.max()), int(supervised.max()))
+        # Evaluation prompts as long as the training prompts (the tokens before <think>) on average.
+        point.eval = eval_cost(cfg, student, float(seqs.cot_start.mean()), self.eval_assumptions,
+                               launcher_timeout_min, point.flops)
+        point.warnings += [w for w in [fit_warning(point.eval)] if w]
 
 
 def _one_line(err: Exception) -> str:
@@ -381,9 +420,11 @@ def _one_line(err: Exception) -> str:
 
 
 def make_plan(overrides: list[str], config_name: str = "config", config_dir: Path = CONF_DIR,
-              assumed_lengths: tuple[int, int, int] | None = None) -> Plan:
+              assumed_lengths: tuple[int, int, int] | None = None,
+              eval_assumptions: EvalAssumptions | None = None) -> Plan:
     """Expand, compose, validate and cost every point of ``launch.py -m <overrides>``.
-    ``assumed_lengths`` (P, CoT, A tokens) stand in for training data that cannot be read."""
+    ``assumed_lengths`` (P, CoT, A tokens) stand in for training data that cannot be read;
+    ``eval_assumptions`` set the generation length and speed the evaluation cost assumes."""
     from kd_sweeps.validation import ConfigError, validate
 
     started = time.perf_counter()
@@ -394,7 +435,8 @@ def make_plan(overrides: list[str], config_name: str = "config", config_dir: Pat
         raise
     except Exception as err:  # the command line itself: unknown key, bad syntax, missing group
         raise PlanError(_one_line(err)) from err
-    estimator = _Estimator(assumed_lengths)
+    eval_assumptions = eval_assumptions or EvalAssumptions()
+    estimator = _Estimator(assumed_lengths, eval_assumptions)
     points = []
     for index, overrides_of_point in enumerate(grid):
         point = PlannedPoint(index, list(overrides_of_point))
@@ -402,12 +444,12 @@ def make_plan(overrides: list[str], config_name: str = "config", config_dir: Pat
         try:
             with composer.composed(point.overrides) as cfg:
                 validate(cfg)
-                estimator.fill(point, cfg)
+                estimator.fill(point, cfg, composer.launcher_timeout_min(point.overrides))
         except ConfigError as err:
             point.problems += [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
         except Exception as err:
             point.problems.append(_one_line(err))
-    return Plan(points, time.perf_counter() - started)
+    return Plan(points, time.perf_counter() - started, eval_assumptions)
 
 
 # --------------------------------------------------------------------------- output
@@ -430,15 +472,23 @@ def format_plan(plan: Plan) -> str:
     """One row per point (the overrides every point shares are printed once, above), then totals."""
     shared = [o for o in plan.points[0].overrides if all(o in p.overrides for p in plan.points)] \
         if len(plan.points) > 1 else []
-    rows = [["#", "overrides", "train tokens", "supervised", "train FLOPs", "peak memory"]]
+    rows = [["#", "overrides", "train tokens", "supervised", "train FLOPs", "peak memory",
+             "eval completions x tokens", "eval tokens", "eval FLOPs", "eval time", "eval time limit"]]
     for p in plan.points:
+        ev = p.eval
         rows.append([str(p.index), " ".join(o for o in p.overrides if o not in shared) or "(defaults)",
                      _count(p.tokens) + ("" if p.exact_tokens else "~"), _count(p.supervised),
-                     "-" if p.flops is None else f"{p.flops:.3g}", _gib(p.peak_memory)])
+                     "-" if p.flops is None else f"{p.flops:.3g}", _gib(p.peak_memory),
+                     "-" if ev is None else f"{ev.completions:,} x {ev.tokens_per_completion:,}",
+                     _count(ev and ev.tokens), "-" if ev is None else f"{ev.flops:.3g}",
+                     duration(ev and ev.seconds) + ("!" if p.warnings else ""),
+                     "-" if ev is None else "none" if ev.limit_s is None else duration(ev.limit_s)])
     memories = [p.peak_memory for p in plan.points if p.peak_memory is not None]
     rows.append(["", f"total ({len(plan.points)} points)", _count(plan.total("tokens")),
                  _count(plan.total("supervised")), f"{plan.total('flops'):.3g}",
-                 f"max {_gib(max(memories))}" if memories else "-"])
+                 f"max {_gib(max(memories))}" if memories else "-",
+                 f"{plan.eval_total('completions'):,.0f}", _count(plan.eval_total("tokens")),
+                 f"{plan.eval_total('flops'):.3g}", duration(plan.eval_total("seconds")), ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -448,6 +498,9 @@ def format_plan(plan: Plan) -> str:
         lines.insert(0, f"every point: {' '.join(shared)}")
     if any(not p.exact_tokens for p in plan.points):
         lines.append(f"~ token counts estimated: from characters ({CHARS_PER_TOKEN} per token) or --lengths")
+    if any(p.warnings for p in plan.points):
+        lines.append("! the evaluation does not fit its job's time limit (warnings below)")
+    lines.append(plan.assumptions.describe())
     return "\n".join(lines)
 
 
@@ -455,10 +508,16 @@ def write_csv(plan: Plan, path: Path) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", "overrides", "train_tokens", "supervised_tokens", "train_flops",
-                         "peak_memory_bytes", "tokens_exact", "problems"])
+                         "peak_memory_bytes", "tokens_exact", "eval_problems", "eval_completions",
+                         "eval_tokens_per_completion", "eval_tokens", "eval_flops", "eval_seconds",
+                         "eval_time_limit_s", "problems", "warnings"])
         for p in plan.points:
+            ev = [None] * 7 if p.eval is None else [
+                p.eval.problems, p.eval.completions, p.eval.tokens_per_completion, p.eval.tokens,
+                p.eval.flops, p.eval.seconds, p.eval.limit_s]
             writer.writerow([p.index, " ".join(p.overrides), p.tokens, p.supervised, p.flops,
-                             p.peak_memory, p.exact_tokens, " | ".join(p.problems)])
+                             p.peak_memory, p.exact_tokens, *ev, " | ".join(p.problems),
+                             " | ".join(p.warnings)])
 
 
 def _lengths(text: str) -> tuple[int, int, int]:
@@ -477,12 +536,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=_lengths, metavar="P,COT,A",
                         help="tokens of prompt, chain of thought and answer per sequence, assumed where "
                              "the training data cannot be read (a hub dataset offline)")
+    evaluation = parser.add_argument_group("evaluation cost (kd_sweeps/plan_eval.py)")
+    evaluation.add_argument("--eval-tokens", type=int, metavar="N",
+                            help="generated tokens per completion to assume (e.g. a previous sweep's "
+                                 "gen_tokens_mean); default: --eval-fraction x eval.max_new_tokens")
+    evaluation.add_argument("--eval-fraction", type=float, default=DEFAULT_TOKEN_FRACTION, metavar="F",
+                            help="share of eval.max_new_tokens a completion generates (default "
+                                 f"{DEFAULT_TOKEN_FRACTION:g}: the worst case, every completion runs to the limit)")
+    evaluation.add_argument("--eval-tokens-per-s", type=float, default=DEFAULT_TOKENS_PER_S, metavar="RATE",
+                            help="generated tokens per second of one point's evaluation, all completions "
+                                 f"together (default {DEFAULT_TOKENS_PER_S:g}; measure your engine)")
+    evaluation.add_argument("--train-flops-per-s", type=float, metavar="RATE",
+                            help="sustained training FLOP/s: estimates training time, which the "
+                                 "evaluation in the same job (eval.separate_job=false) must share the "
+                                 "launcher's timeout_min with")
     args = parser.parse_args(argv)
+    try:
+        assumptions = EvalAssumptions(args.eval_tokens, args.eval_fraction, args.eval_tokens_per_s,
+                                      args.train_flops_per_s)
+    except ValueError as err:
+        parser.error(str(err))
     # Planning never downloads: a hub dataset is used only if it is already in the local cache.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        plan = make_plan(args.overrides, args.config_name, assumed_lengths=args.lengths)
+        plan = make_plan(args.overrides, args.config_name, assumed_lengths=args.lengths,
+                         eval_assumptions=assumptions)
     except PlanError as err:
         print(f"cannot expand the sweep: {err}", file=sys.stderr)
         return 2
@@ -490,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         write_csv(plan, args.csv)
     print(f"\nplanned {len(plan.points)} point(s) in {plan.seconds:.1f} s; nothing was launched")
+    if plan.warnings:  # the launch may go ahead; these points would time out in their evaluation
+        sys.stdout.flush()
+        print(f"\n{len(plan.warnings)} warning(s):\n  " + "\n  ".join(plan.warnings), file=sys.stderr)
     if plan.problems:
         bad = sum(1 for p in plan.points if p.problems)
         sys.stdout.flush()  # the table first, then the problems, also when both go to a terminal

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -22,17 +23,37 @@ log = logging.getLogger(__name__)
 
 
 def loop_settings(cfg: DictConfig) -> train.LoopSettings:
+    """The loop's settings from a config whose max_steps is set (``settled_config``)."""
     t = cfg.train
-    return train.LoopSettings(max_steps=t.max_steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                              lr=t.lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
-                              grad_clip=t.grad_clip, precision=t.precision, log_every=t.log_every,
-                              seed=cfg.seed, loss_impl=t.loss_impl)
+    return train.LoopSettings(max_steps=t.max_steps, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
+                              lr=t.lr, weight_decay=t.weight_decay, decay_norms_and_biases=t.decay_norms_and_biases,
+                              betas=tuple(t.betas), schedule=t.schedule, warmup_ratio=t.warmup_ratio,
+                              div_factor=t.div_factor, final_div_factor=t.final_div_factor,
+                              cycle_momentum=t.cycle_momentum, grad_clip=t.grad_clip, precision=t.precision,
+                              log_every=t.log_every, seed=cfg.seed, loss_impl=t.loss_impl)
 
 
 def loss_settings(cfg: DictConfig) -> train.LossSettings:
     loss = cfg.loss
     return train.LossSettings(name=loss.name, kd_ratio=loss.kd_ratio, temperature=loss.temperature,
-                              beta=loss.beta, alpha=loss.alpha, mix=loss.mix)
+                              beta=loss.beta, alpha=loss.alpha, mix=loss.mix, normalize=loss.normalize)
+
+
+def settled_config(cfg: DictConfig, device, n_examples: int) -> DictConfig:
+    """A copy of ``cfg`` with what this machine and these data decide filled in: ``train.precision``
+    resolved (auto: bf16 where the device computes it natively, else fp32) and ``train.max_steps``
+    (null: ceil(epochs x examples kept / global batch)). The point's id and record keep the
+    config as written; its summary reports both values."""
+    import copy
+
+    from kd_sweeps.precision import resolve
+
+    settled = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(settled, False)
+    settled.train.precision = resolve(cfg.train.precision, device)
+    if cfg.train.max_steps is None:
+        settled.train.max_steps = math.ceil(cfg.train.epochs * n_examples / cfg.train.batch_size)
+    return settled
 
 
 def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
@@ -42,7 +63,7 @@ def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     output_dir = Path(cfg.output_dir)
     env = distributed.init_distributed(cfg.train.device)  # one process, or one rank of torchrun / submitit tasks
     try:
-        distributed.micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, env)  # fails before any load
+        distributed.micro_batch_size(cfg.train.batch_size, cfg.train.micro_batch_size, env)  # fails before any load
         done = read_result(output_dir)
         distributed.barrier(env)  # every rank has read the record before rank 0 rewrites it
         if done and done.get("status") == "ok" and done.get("run_id") == point_id and not cfg.force:
@@ -150,7 +171,11 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     torch.manual_seed(cfg.seed)
     cache_dir = Path(cfg.cache_dir).expanduser()
     tokenizer = models.load_tokenizer(cfg, cache_dir)
-    encoded, stats = data.encode(data.load_records(cfg.data, "train"), tokenizer, cfg.data.max_tokens)
+    # A real dataset is formatted, tokenized and length-filtered once (rank 0, cached in cache_dir/data) and
+    # split; the other ranks and later grid points read the cached tables. data_rows: the count at every stage.
+    encoded, stats, data_rows = data.load_encoded(
+        cfg.data, "train", tokenizer, cache_dir, build=env.is_main,
+        stop=lambda: (read_result(output_dir) or {}).get("status") == "failed")
     examples, skipped = data.training_examples(encoded, cfg.sections.include, cfg.trunc, cfg.truncation.mode,
                                                cfg.truncation.cut_after_think, cfg.seed)
     if len(examples) < cfg.train.batch_size:
@@ -158,6 +183,10 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
                              f"with sections.include={list(cfg.sections.include)}, trunc={cfg.trunc}, "
                              f"truncation.mode={cfg.truncation.mode}; need at least train.batch_size="
                              f"{cfg.train.batch_size}")
+    cfg = settled_config(cfg, device, len(examples))  # from here on: the resolved precision and step count
+    log.info("training %d steps of %d sequences (%.2f epochs of %d examples), computing in %s",
+             cfg.train.max_steps, cfg.train.batch_size, cfg.train.max_steps * cfg.train.batch_size / len(examples),
+             len(examples), cfg.train.precision)
     eval_sets = load_eval_sets(cfg)  # loaded now: a missing benchmark file fails before any training
     selector = selection.for_config(cfg, tokenizer, env, output_dir / "checkpoint")  # None: final weights
     # Embedded models are prepared once and cached; with a process group transformers writes files on
@@ -167,13 +196,14 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
         distributed.barrier(env)
     # The data's fingerprint keys the teacher's top-k cache (hashing every token once per point).
     fingerprint = teacher_cache.dataset_fingerprint(encoded) if cfg.train.teacher_cache == "topk" else ""
-    teacher, student = models.load_pair(cfg, tokenizer, device,
+    teacher, student = models.load_pair(cfg, tokenizer, device,  # the student in fp32: its master weights
                                         teacher=_ready_teacher_cache(cfg, tokenizer, fingerprint, cache_dir))
     if main_first and env.is_main:
         distributed.barrier(env)
     if cfg.train.activation_checkpointing:  # each layer's activations are recomputed in backward
         distributed.enable_activation_checkpointing(student.model)
-    student_model = distributed.shard_student(student.model, env)  # the model itself for one process
+    # The model itself for one process; sharded, it computes in bf16 under train.precision=bf16.
+    student_model = distributed.shard_student(student.model, env, cfg.train.precision)
     cache_summary: dict = {}
     if cfg.train.teacher_cache == "topk":
         teacher_model, cache_summary = _cached_teacher(cfg, teacher, encoded, fingerprint, cache_dir, device,
@@ -239,10 +269,12 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
                "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"),
                "final_kd_loss": last.get("kd_loss"), "examples_trained_on": len(examples),
                "examples_skipped": skipped, "examples_too_long": stats.too_long,
-               "examples_missing_markers": stats.missing_markers,
+               "examples_missing_markers": stats.missing_markers, "data_rows": data_rows,
                "teacher_accuracy": teacher.info.get("accuracy"), "base_accuracy": student.info.get("accuracy"),
                **cache_summary, **(selector.summary() if selector else {}),
-               "checkpoint_step": selector.best_step if selector else cfg.train.max_steps, "eval_engine": engine}
+               "checkpoint_step": selector.best_step if selector else cfg.train.max_steps, "eval_engine": engine,
+               "precision": cfg.train.precision, "train_steps": cfg.train.max_steps,
+               "epochs_trained": cfg.train.max_steps * cfg.train.batch_size / len(examples)}
     summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
     if not cfg.eval.separate_job:
         summary.update(evaluate_model(cfg, final, tokenizer, eval_sets, device, output_dir / "checkpoint"))
@@ -260,20 +292,27 @@ def load_eval_sets(cfg: DictConfig) -> dict[str, list[dict]]:
 
 
 def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device, checkpoint: Path) -> dict:
-    """Accuracy ± stderr per benchmark, per-problem scores, generated tokens; and their mean.
-    ``model`` None: the vLLM engine generates from ``checkpoint`` (the same weights, saved)."""
+    """Accuracy ± stderr per benchmark, per-problem scores, generated tokens and how many completions
+    stopped at the end of their turn; and their means over benchmarks. ``model`` None: the vLLM
+    engine generates from ``checkpoint`` (the same weights, saved). Every completion is appended to
+    ``<point>/eval/<benchmark>.jsonl`` as it ends: a relaunched evaluation resumes from there."""
     summary: dict = {}
-    accuracies, stderrs = [], []
+    results: dict[str, evaluate.EvalResult] = {}
     for bench in cfg.eval.benchmarks:
-        result = evaluate.evaluate(model, tokenizer, eval_sets[bench], cfg.eval, device,
-                                   checkpoint=checkpoint, seed=cfg.seed)
+        result = results[bench] = evaluate.evaluate(
+            model, tokenizer, eval_sets[bench], cfg.eval, device, checkpoint=checkpoint, seed=cfg.seed,
+            results_file=Path(checkpoint).parent / "eval" / f"{bench}.jsonl")
         summary.update({f"eval/{bench}/accuracy": result.accuracy, f"eval/{bench}/stderr": result.stderr,
                         f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens,
-                        f"eval/{bench}/per_problem": result.per_problem})
-        accuracies.append(result.accuracy)
-        stderrs.append(result.stderr)
-    summary["accuracy"] = sum(accuracies) / len(accuracies)
-    summary["accuracy_stderr"] = (sum(s**2 for s in stderrs) ** 0.5) / len(stderrs)
+                        f"eval/{bench}/per_problem": result.per_problem,
+                        f"eval/{bench}/finished_rate": result.finished_rate,
+                        f"eval/{bench}/gen_tokens_mean": result.gen_tokens_mean,
+                        f"eval/{bench}/gen_tokens_max": result.gen_tokens_max})
+    done = list(results.values())
+    summary["accuracy"] = sum(r.accuracy for r in done) / len(done)
+    summary["accuracy_stderr"] = (sum(r.stderr**2 for r in done) ** 0.5) / len(done)
+    summary["finished_rate"] = sum(r.finished_rate for r in done) / len(done)
+    summary["gen_tokens_mean"] = sum(r.gen_tokens_mean for r in done) / len(done)
     return summary
 
 

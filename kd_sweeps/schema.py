@@ -28,7 +28,7 @@ class ModelSpec:
     prep_max_steps: int = 12
     prep_examples: int = 20000
     prep_eval_problems: int = 200  # held-out problems (2..12 steps) its accuracy is reported on
-    prep_precision: str = "bf16"  # bf16 autocast | fp32
+    prep_precision: str = "auto"  # auto (bf16 where the device has it natively, else fp32) | bf16 | fp32
 
 
 @dataclass
@@ -51,8 +51,14 @@ class DataConfig:
     n_test: int = 200  # embedded task: held-out evaluation problems
     min_steps: int = 2  # embedded task: reasoning steps per problem
     max_steps: int = 12
-    max_tokens: int = 4096  # examples longer than this (tokenized, templated) are dropped
+    # Rows longer than this many tokens (templated and tokenized by the student's tokenizer) are dropped,
+    # before the split for a real dataset; a row of exactly max_tokens is kept (the paper: 4k)
+    max_tokens: int = 4096
     seed: int = 42  # data generation and split seed, fixed across grid points
+    # Real datasets: which rows are split. length = every usable row of at most max_tokens tokens;
+    # paper = the authors' published row lists (Bespoke-Stratos-17k, OpenThoughts-114k, Sky-T1 only)
+    rows: str = "length"
+    num_proc: int = 0  # worker processes that format/tokenize a real dataset (0: one per CPU, from 50k rows)
 
 
 @dataclass
@@ -77,18 +83,37 @@ class LossConfig:
     beta: float = 0.5  # jsd interpolation weight
     alpha: float = 0.1  # skew weight for skew_kl / skew_reverse_kl
     mix: float = 0.5  # combined_kl: mix * FKL + (1 - mix) * RKL
+    # token: the step's loss is its sum over supervised tokens / their count (every token weighs the
+    # same); sequence: each sequence's own token mean, averaged over the step's sequences (every
+    # sequence weighs the same: the paper's batch of 1 per GPU with the GPUs' gradients averaged).
+    normalize: str = "token"
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100  # optimizer steps, the same for every trunc (the paper fixes epochs)
-    batch_size: int = 16  # sequences per optimizer step
-    grad_accum: int = 1  # micro-batches per step; batch_size must divide evenly
-    lr: float = 1e-3
+    # Optimizer steps, the same for every trunc; null: derived from epochs over the rows actually
+    # kept, ceil(epochs x examples / batch_size) (the paper fixes epochs).
+    max_steps: Optional[int] = 100
+    epochs: Optional[float] = None  # used when max_steps is null
+    batch_size: int = 16  # sequences per optimizer step, all processes together (the global batch)
+    # Sequences per forward on each process; null: its whole share (batch_size / processes). The
+    # gradient accumulation is derived (share / micro_batch_size), so one global batch runs on any
+    # number of processes that divides it.
+    micro_batch_size: Optional[int] = None
+    lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.05
-    warmup_ratio: float = 0.1  # fraction of steps with linear warm-up, then cosine to 0
+    decay_norms_and_biases: bool = False  # also decay 1-D parameters (norm weights, biases)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    schedule: str = "cosine"  # cosine (linear warm-up, cosine to 0) | onecycle (torch's OneCycleLR)
+    warmup_ratio: float = 0.1  # fraction of steps warming up (onecycle: its pct_start)
+    div_factor: float = 25.0  # onecycle: the first lr is lr / div_factor
+    final_div_factor: float = 1e4  # onecycle: the last lr is the first / final_div_factor
+    cycle_momentum: bool = True  # onecycle: beta1 goes 0.95 -> 0.85 (peak lr) -> 0.95, replacing betas[0]
     grad_clip: float = 1.0
-    precision: str = "bf16"  # bf16 (autocast) | fp32
+    # Compute dtype; master weights and AdamW state are fp32 always. auto: bf16 where the device
+    # computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32 (bf16 emulated
+    # on a CPU is ~3x slower). The resolved value is in result.json's summary (precision).
+    precision: str = "auto"  # auto | bf16 | fp32
     num_threads: int = 0  # CPU threads for torch; 0 = leave torch's default
     log_every: int = 10
     checkpoint_every: int = 0  # save the exact training state every N steps (0: only on preemption)
@@ -124,14 +149,18 @@ class EvalConfig:
     job: EvalJobConfig = field(default_factory=EvalJobConfig)
     benchmarks: list[str] = field(default_factory=lambda: ["synthetic"])
     n_problems: int = 200  # per benchmark; the embedded test split has data.n_test
+    # Generation stops at the end of the assistant turn (tokenizer eos, the chat template's end-of-turn
+    # token, the model's generation_config eos ids) or after max_new_tokens (the stop token counted).
     max_new_tokens: int = 256
-    batch_size: int = 100
+    batch_size: int = 100  # transformers engine: rows decoded at once (continuous batching slots)
     # transformers (always available) | vllm (the optional extra, on CUDA) | auto (vllm when it is
     # installed and the run is on CUDA, else transformers); both give the same results format.
     engine: str = "transformers"
+    # Sampling, the same in both engines and always explicit (no model or library default applies):
     n_samples: int = 1  # samples per problem; accuracy = mean over samples (pass@1)
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
+    temperature: float = 0.0  # 0 = greedy (top_p and top_k then do not matter)
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    top_k: int = 0  # the k most likely tokens only; 0 = off
     prompt_style: str = "boxed"  # instruction appended to benchmark problems (kd_sweeps.benchmarks)
     benchmark_paths: dict[str, str] = field(default_factory=dict)  # local copies: {name: file}
 

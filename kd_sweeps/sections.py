@@ -174,13 +174,32 @@ def supervised_tokens(
         for j, i in enumerate(range(start, end))
     ]
     if mode == "random_labels":
-        # Full compute, fewer labels: keep a seeded subset of round(trunc * n) targets
-        # so the supervised-token count matches a window of the same ratio.
-        candidates = [j for j, on in enumerate(mask) if on]
-        keep = round(trunc * len(candidates))
-        picked = set(random.Random(seed).sample(candidates, keep))
-        mask = [j in picked for j in range(len(mask))]
+        mask = drop_random_labels(mask, trunc, seed)
     return (start, end), mask
+
+
+def random_labels_kept(n: int, trunc: float) -> int:
+    """Targets ``random_labels`` keeps of ``n``: the paper's control drops ``round(r * n)`` with
+    r = 1 - trunc (its ``random_mask_ratio``), so ``n - round((1 - trunc) * n)`` remain (Python's
+    round, half to even, as the paper's code)."""
+    return n - round((1.0 - trunc) * n)
+
+
+def drop_random_labels(mask: Sequence[bool], trunc: float, seed: int) -> list[bool]:
+    """Full compute, fewer labels: drop a seeded random ``round((1 - trunc) * n)`` of the ``n``
+    True positions of ``mask``. The training loop draws again every epoch with
+    ``random_labels_seed`` (the paper redrew at every collate), so the set changes, its size not."""
+    candidates = [j for j, on in enumerate(mask) if on]
+    dropped = set(random.Random(seed).sample(candidates, len(candidates) - random_labels_kept(len(candidates), trunc)))
+    return [on and j not in dropped for j, on in enumerate(mask)]
+
+
+def random_labels_seed(seed: int, index: int, epoch: int) -> int:
+    """The draw of sequence ``index`` in ``epoch``: a pure function of the three, so a resumed run
+    redraws exactly what an uninterrupted one does. Epoch 0 is ``seed * 1_000_003 + index``, the
+    seed ``supervised_tokens`` is given for a sequence; each later epoch adds a stride far beyond
+    any dataset's size, so no two (index, epoch) pairs share a draw."""
+    return seed * 1_000_003 + index + epoch * 7_919_000_017
 
 
 def label_tensor(

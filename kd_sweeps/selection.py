@@ -28,9 +28,10 @@ VAL_SECTIONS = ("CoT", "A")  # what generation produces at evaluation: the whole
 CHOICES = ("final", "best_val")
 
 
-def validation_examples(data_cfg, tokenizer) -> list[data.TrainExample]:
-    """The validation split as full, untruncated examples with CoT + A supervised."""
-    encoded, _ = data.encode(data.load_records(data_cfg, "val"), tokenizer, data_cfg.max_tokens)
+def validation_examples(data_cfg, tokenizer, cache_dir=None) -> list[data.TrainExample]:
+    """The validation split as full, untruncated examples with CoT + A supervised (a real dataset's
+    from the tables the training split was cached in, under ``cache_dir``)."""
+    encoded, _, _ = data.load_encoded(data_cfg, "val", tokenizer, cache_dir)
     examples, _ = data.training_examples(encoded, VAL_SECTIONS, 1.0, "lead", False, seed=0)
     if not examples:
         raise data.DataError(f"the validation split of data.name={data_cfg.name!r} has no usable sequence")
@@ -140,8 +141,8 @@ def for_config(cfg, tokenizer, env: DistEnv, folder: Path) -> Optional[BestValid
     """The selector a run's config asks for; None for ``final`` (the last weights are saved)."""
     if cfg.train.checkpoint_selection != "best_val":
         return None
-    examples = validation_examples(cfg.data, tokenizer)
-    micro = distributed.micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, env)
+    examples = validation_examples(cfg.data, tokenizer, Path(cfg.cache_dir).expanduser())
+    micro = distributed.micro_batch_size(cfg.train.batch_size, cfg.train.micro_batch_size, env)
     autocast = cfg.train.precision == "bf16"
 
     def compute_loss(model) -> float:

@@ -20,13 +20,13 @@ Schemas (the columns each dataset publishes):
 A record is usable when its reasoning holds exactly one ``<think>`` before exactly one ``</think>``
 with a non-empty thought and a non-empty answer after it, and the problem holds neither marker. Others are dropped from both
 splits and counted by reason in the report: the section masks cannot be placed on them.
-Token-length filtering is the caller's (``data.encode`` with ``max_tokens``).
+Which rows are kept (the length filter or the authors' published rows), the split and the cache of the
+formatted and tokenized tables are ``kd_sweeps.prepare``'s.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,17 +72,23 @@ USER_ROLES, ASSISTANT_ROLES = ("user", "human"), ("assistant", "gpt")  # ShareGP
 
 @dataclass
 class SourceReport:
-    """What happened to the rows of one dataset on their way to records."""
+    """What happened to the rows of one dataset on their way to records (``as_dict``: the run's
+    ``data_rows``)."""
 
     source: str
     schema: str
+    choice: str = "length"  # data.rows: length (filter, then split) | paper (published rows, split, then drops)
     rows: int = 0  # rows read
     filtered_out: int = 0  # rows without the dataset's row filter (SYNTHETIC-1: other task types)
+    selected: int | None = None  # data.rows=paper: rows of the authors' list
     dropped: Counter = field(default_factory=Counter)  # reason -> records dropped (no usable markers)
     think_restored: int = 0  # SYNTHETIC-1 responses given back the <think> that was prefilled
-    kept: int = 0
+    too_long: int | None = None  # rows over max_tokens tokens (None: not tokenized, not checked)
+    max_tokens: int | None = None
+    kept: int = 0  # length: usable rows the split is drawn from; paper: usable rows of the split
     n_train: int = 0
     n_val: int = 0
+    prepared_here: bool = False  # this process formatted/tokenized (False: read from the cache)
     first_dropped: list[str] = field(default_factory=list)  # a few messages to show the user
 
     @property
@@ -91,12 +97,20 @@ class SourceReport:
         prompt: never trained or validated on."""
         return sum(self.dropped.values())
 
+    def as_dict(self) -> dict:
+        return {"rows": self.choice, "read": self.rows, "filtered_out": self.filtered_out, "selected": self.selected,
+                "dropped_markers": self.missing_markers, "dropped_by_reason": dict(self.dropped),
+                "think_restored": self.think_restored, "too_long": self.too_long, "max_tokens": self.max_tokens,
+                "kept": self.kept, "train": self.n_train, "val": self.n_val}
+
     def summary(self) -> str:
         reasons = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
         first = f"; first dropped: {'; '.join(self.first_dropped)}" if self.first_dropped else ""
-        return (f"{self.source} [{self.schema}]: {self.rows} rows, {self.filtered_out} filtered out, "
-                f"{self.missing_markers} dropped ({reasons}), {self.think_restored} with <think> "
-                f"restored, {self.kept} kept -> {self.n_train} train / {self.n_val} val{first}")
+        selected = f", {self.selected} in the authors' list" if self.selected is not None else ""
+        long = "" if self.too_long is None else f", {self.too_long} longer than max_tokens={self.max_tokens}"
+        return (f"{self.source} [{self.schema}, rows={self.choice}]: {self.rows} rows, {self.filtered_out} filtered "
+                f"out{selected}, {self.missing_markers} dropped ({reasons}){long}, {self.think_restored} with "
+                f"<think> restored, {self.kept} kept -> {self.n_train} train / {self.n_val} val{first}")
 
 
 def _problem_hint(text) -> str:
@@ -209,7 +223,7 @@ def _marker_problem(problem: str, reasoning: str) -> str | None:
     return None
 
 
-def _format(raw: dict, schema: str, index=None) -> tuple[dict | None, str | None, bool]:
+def format_row(raw: dict, schema: str, index=None) -> tuple[dict | None, str | None, bool]:
     """(record or None, why it was dropped, whether <think> was restored)."""
     if schema not in _READERS:
         raise SourceError(f"unknown schema {schema!r}; known: {', '.join(SCHEMAS)}")
@@ -236,7 +250,7 @@ def format_record(raw: dict, schema: str, index: int | None = None) -> dict | No
     prompt); raises SourceError (a ValueError) naming ``index`` and the problem when a field is
     not a string or the row does not have the schema's fields.
     """
-    return _format(raw, schema, index)[0]
+    return format_row(raw, schema, index)[0]
 
 
 def infer_schema(columns) -> str:
@@ -275,7 +289,8 @@ def read_json_records(path: Path) -> list[dict]:
     return rows
 
 
-def _read_rows(name_or_path: str, source: str, spec: DatasetSpec | None, split: str | None):
+def read_rows(name_or_path: str, source: str, spec: DatasetSpec | None, split: str | None):
+    """The raw rows: a list of dicts (a JSON file) or a Dataset (a hub dataset or a folder)."""
     import datasets
 
     if source == "json":
@@ -316,25 +331,9 @@ def load_from_hub(hub_id: str, config, split: str, error: type, what: str, local
                     f"{local_copy}") from err
 
 
-def _apply_filter(rows, row_filter, report: SourceReport):
-    """Keep the rows the dataset's filter selects. A local copy without the filter's column is
-    taken to be already filtered."""
-    if row_filter is None:
-        return rows
-    column, value = row_filter
-    if isinstance(rows, list):
-        kept = [r for r in rows if r.get(column) == value] if any(column in r for r in rows) else rows
-    elif column in rows.column_names:
-        kept = rows.filter(lambda v: v == value, input_columns=[column])
-    else:
-        kept = rows
-    report.filtered_out = len(rows) - len(kept)
-    return kept
-
-
 def load_reasoning_dataset(name_or_path: str, *, source: str = "hub", n_train: int | None = None,
                            n_val: int | None = None, seed: int = 42, split: str | None = None,
-                           dataset: str | None = None, schema: str | None = None):
+                           dataset: str | None = None, schema: str | None = None, **options):
     """Load a reasoning dataset, format it, drop marker-less records, split it.
 
     name_or_path: a name in DATASETS or a hub id (source="hub"), a JSON/JSONL file
@@ -346,61 +345,19 @@ def load_reasoning_dataset(name_or_path: str, *, source: str = "hub", n_train: i
         paper size keeps every record not used for validation.
     split: the split of a hub dataset or directory (default: the dataset's own, "math" for
         Nemotron, else "train"); a JSON file is one split.
+    options: ``rows``, ``tokenizer``, ``max_tokens``, ``cache_dir``, ``num_proc`` of
+        ``prepare.prepared_splits`` (the length filter needs the student's tokenizer).
 
-    The usable records are shuffled with ``random.Random(seed)``; the first n_val go to
-    validation, the next n_train to training. Returns (train_records, val_records, SourceReport).
+    The split is ``Dataset.train_test_split(test_size=n_val, seed=seed)``; training takes the first
+    n_train rows of its train part. Returns (train_records, val_records, SourceReport).
     """
-    # Arguments first: a wrong size should not cost a download and a pass over the data.
-    if source not in ("hub", "json", "path"):
-        raise SourceError(f"source={source!r}; choose 'hub', 'json' or 'path'")
-    if dataset is not None and dataset not in DATASETS:
-        raise SourceError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
-    if schema is not None and schema not in SCHEMAS:
-        raise SourceError(f"unknown schema {schema!r}; known: {', '.join(SCHEMAS)}")
-    # A hub name outside DATASETS is read as a raw hub id, its schema inferred from its columns.
-    spec = DATASETS.get(dataset or (name_or_path if source == "hub" else ""))
-    n_val = n_val if n_val is not None else (spec.n_val if spec else None)
-    n_train = n_train if n_train is not None else (spec.n_train if spec else None)
-    if n_val is None:
-        raise SourceError(f"{name_or_path!r}: no validation size is published for this dataset; pass n_val")
-    if n_val < 0 or (n_train is not None and n_train < 0):
-        raise SourceError(f"n_train={n_train} and n_val={n_val} must not be negative")
+    from kd_sweeps.prepare import prepared_splits
 
-    rows = _read_rows(name_or_path, source, spec, split)
-    if len(rows) == 0:
-        raise SourceError(f"{name_or_path!r} ({source}) holds no rows: point data.path at a file or "
-                          "folder with records")
-    columns = rows.column_names if hasattr(rows, "column_names") else {k for r in rows[:100] for k in r}
-    schema = schema or (spec.schema if spec else infer_schema(columns))
-    report = SourceReport(source=spec.hub_id if spec and source == "hub" else name_or_path, schema=schema)
-    report.rows = len(rows)
-    # A local SYNTHETIC-1 copy gets SYNTHETIC-1's filter even when not named: the schema says what it is.
-    row_filter = spec.row_filter if spec else None
-    if spec is None and schema == "synthetic1":
-        row_filter = DATASETS["synthetic1"].row_filter
-    rows = _apply_filter(rows, row_filter, report)
+    train, val, report = prepared_splits(name_or_path, source=source, n_train=n_train, n_val=n_val, seed=seed,
+                                         split=split, dataset=dataset, schema=schema, **options)
+    return records_of(train), records_of(val), report
 
-    records = []
-    for index, raw in enumerate(rows):
-        record, reason, restored = _format(dict(raw), schema, index)
-        if record is None:
-            report.dropped[reason] += 1
-            if len(report.first_dropped) < 5:
-                report.first_dropped.append(f"record {index}: {reason}")
-            continue
-        report.think_restored += restored
-        records.append(record)
-    report.kept = len(records)
 
-    needed = n_val + (n_train if n_train is not None else 1)
-    if len(records) < needed:
-        raise SourceError(f"{name_or_path!r}: {len(records)} usable records, fewer than n_val={n_val} "
-                          f"+ n_train={n_train if n_train is not None else 'at least 1'}. "
-                          + report.summary())
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    val = [records[i] for i in order[:n_val]]
-    train_end = None if n_train is None else n_val + n_train
-    train = [records[i] for i in order[n_val:train_end]]
-    report.n_train, report.n_val = len(train), len(val)
-    return train, val, report
+def records_of(table) -> list[dict]:
+    """The ``{"problem", "reasoning", "answer"}`` records of a prepared table."""
+    return table.select_columns(["problem", "reasoning", "answer"]).to_list()

@@ -20,7 +20,7 @@ from kd_sweeps.sections import SECTION_PRESETS, SECTIONS, TRUNCATION_MODES
 
 MODEL_SOURCES = ("embedded", "pretrained")
 DATA_SOURCES = ("synthetic", "hub", "json", "path")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 LOGGER_MODES = ("offline", "online", "disabled")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -102,17 +102,64 @@ def _check_data(cfg: DictConfig, issues: list[str]) -> None:
     if data.source == "hub" and not data.path and data.name not in DATASETS:
         issues.append(f"data.name={data.name!r} with data.path='': name a dataset "
                       f"({', '.join(DATASETS)}) or give its hub id in data.path")
+    _check_rows(data, issues)
+
+
+def _check_rows(data: DictConfig, issues: list[str]) -> None:
+    """data.rows and data.num_proc; the authors' lists exist for three datasets and hold fixed counts."""
+    from kd_sweeps.prepare import PAPER_COUNTS, ROW_CHOICES
+
+    _choice(issues, "data.rows", data.rows, ROW_CHOICES)
+    _positive(issues, "data.num_proc", data.num_proc, strict=False)
+    if data.rows != "paper":
+        return
+    if data.source == "synthetic":
+        issues.append("data.rows=paper: the embedded task has no published rows; data.rows=paper selects the "
+                      f"authors' rows of {', '.join(PAPER_COUNTS)}")
+    elif data.name not in PAPER_COUNTS:
+        issues.append(f"data.rows=paper with data.name={data.name!r}: the authors published row lists only for "
+                      f"{', '.join(PAPER_COUNTS)} (a local copy needs data.name set to the dataset it copies); "
+                      "use data.rows=length")
+    elif all(isinstance(data[k], int) for k in ("n_train", "n_val")) \
+            and data.n_train + data.n_val > PAPER_COUNTS[data.name]:
+        issues.append(f"data.n_train={data.n_train} + data.n_val={data.n_val}: more than the "
+                      f"{PAPER_COUNTS[data.name]} rows of the authors' list for {data.name} (data.rows=paper)")
+
+
+def _check_train_recipe(cfg: DictConfig, issues: list[str]) -> None:
+    """Length of the run, batch split, optimizer, schedule and loss weighting."""
+    train = cfg.train
+    if train.max_steps is None and train.epochs is None:
+        issues.append("train.max_steps=None and train.epochs=None: set one (max_steps wins when both are set)")
+    for field in ("max_steps", "epochs", "micro_batch_size"):
+        if train[field] is not None:
+            _positive(issues, f"train.{field}", train[field])
+    micro = train.micro_batch_size
+    if isinstance(micro, int) and micro > 0 and isinstance(train.batch_size, int) and train.batch_size % micro:
+        issues.append(f"train.micro_batch_size={micro}: must divide train.batch_size={train.batch_size} "
+                      "(each process's share of it is split into micro-batches)")
+    betas = list(train.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        issues.append(f"train.betas={betas}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _choice(issues, "train.schedule", train.schedule, ("cosine", "onecycle"))
+    _unit_interval(issues, "train.warmup_ratio", train.warmup_ratio)
+    if train.schedule == "onecycle":
+        if train.warmup_ratio == 1:  # OneCycleLR's annealing phase would be empty: a division by zero
+            issues.append("train.warmup_ratio=1.0 with train.schedule=onecycle: must be < 1 (no step would anneal)")
+        for field in ("div_factor", "final_div_factor"):
+            _positive(issues, f"train.{field}", train[field])
+    _choice(issues, "loss.normalize", cfg.loss.normalize, ("token", "sequence"))
 
 
 def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
     train = cfg.train
-    for field in ("max_steps", "batch_size", "grad_accum", "lr", "log_every"):
+    _check_train_recipe(cfg, issues)
+    for field in ("batch_size", "lr", "log_every"):
         _positive(issues, f"train.{field}", train[field])
     _positive(issues, "train.weight_decay", train.weight_decay, strict=False)
     _positive(issues, "train.grad_clip", train.grad_clip, strict=False)
     _positive(issues, "train.num_threads", train.num_threads, strict=False)
     _positive(issues, "train.checkpoint_every", train.checkpoint_every, strict=False)
-    _unit_interval(issues, "train.warmup_ratio", train.warmup_ratio)
     _choice(issues, "train.precision", train.precision, PRECISIONS)
     _choice(issues, "train.device", train.device, DEVICES)
     _choice(issues, "train.loss_impl", train.loss_impl, ("chunked", "full"))
@@ -127,10 +174,6 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
     _choice(issues, "train.teacher_parallel", train.teacher_parallel, ("replicate", "shard"))
     _choice(issues, "train.checkpoint_selection", train.checkpoint_selection, ("final", "best_val"))
     _positive(issues, "train.val_every", train.val_every, strict=False)
-    if isinstance(train.batch_size, int) and isinstance(train.grad_accum, int) and train.grad_accum > 0 \
-            and train.batch_size % train.grad_accum:
-        issues.append(f"train.batch_size={train.batch_size}: must be divisible by "
-                      f"train.grad_accum={train.grad_accum}")
     ev = cfg.eval
     for field in ("n_problems", "max_new_tokens", "batch_size", "n_samples"):
         _positive(issues, f"eval.{field}", ev[field])
@@ -140,6 +183,8 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
         _positive(issues, "eval.job.gpus_per_node", ev.job.gpus_per_node, strict=False)
     _positive(issues, "eval.temperature", ev.temperature, strict=False)
     _unit_interval(issues, "eval.top_p", ev.top_p, open_left=True)
+    if not isinstance(ev.top_k, int) or isinstance(ev.top_k, bool) or ev.top_k < 0:
+        issues.append(f"eval.top_k={ev.top_k!r}: must be an integer >= 0 (0 = off)")
     _choice(issues, "eval.engine", ev.engine, ENGINES)
     if ev.engine == "vllm" and not vllm_installed():
         issues.append("eval.engine='vllm': vllm is not installed; install the optional extra "
@@ -200,7 +245,8 @@ def _check_paths(cfg: DictConfig, issues: list[str]) -> None:
         if not Path(file).expanduser().is_file():
             issues.append(f"eval.benchmark_paths.{bench}={file!r}: no such file")
     _writable_dir(issues, "output_dir", cfg.output_dir)
-    if "embedded" in (cfg.model.teacher.source, cfg.model.student.source) or cfg.train.teacher_cache != "none":
+    if "embedded" in (cfg.model.teacher.source, cfg.model.student.source) or cfg.train.teacher_cache != "none" \
+            or cfg.data.source != "synthetic":  # a real dataset's formatted and tokenized rows are cached there
         _writable_dir(issues, "cache_dir", cfg.cache_dir)
 
 

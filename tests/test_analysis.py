@@ -20,7 +20,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # no screen
 from analysis import stats  # noqa: E402
 from analysis.load import COLUMNS, load, load_offline_wandb, load_results, runs_frame  # noqa: E402
 from analysis.plots import plot_tradeoff, save_figure  # noqa: E402
-from analysis.tables import ACCURACY, RETAINED, summary_table, to_markdown, write_csv  # noqa: E402
+from analysis.tables import (ACCURACY, FINISHED, GEN_TOKENS, OF_TEACHER, RETAINED,  # noqa: E402
+                             summary_table, to_markdown, write_csv)
 
 
 def record(run_id, sections="cot", trunc=1.0, acc=0.6, status="ok", seed=42, flops=1e12,
@@ -265,7 +266,11 @@ def test_summary_table_and_markdown(tmp_path):
     table = summary_table(df)
     assert list(table.columns) == [
         "trunc", "sections", "train FLOPs", "train time (s)", "peak memory (MiB)",
-        "tokens trained", "tokens supervised", ACCURACY, RETAINED]
+        "tokens trained", "tokens supervised", ACCURACY, RETAINED, OF_TEACHER, FINISHED,
+        GEN_TOKENS]
+    # Records from before finished rate, generated tokens and reference accuracies were logged:
+    # no reference row, and the new columns are missing values, not errors.
+    assert table[[OF_TEACHER, FINISHED, GEN_TOKENS]].isna().all().all()
     assert list(zip(table["sections"], table["trunc"])) == [
         ("cot", 0.5), ("cot", 1.0), ("cot_ans", 0.5), ("cot_ans", 1.0)]
     assert list(table[ACCURACY]) == ["55.0 ± 3.4", "61.0 ± 3.4", "50.0 ± 3.4", "64.0 ± 3.4"]
@@ -273,10 +278,11 @@ def test_summary_table_and_markdown(tmp_path):
     assert table["peak memory (MiB)"].iloc[0] == 774.4
 
     md = to_markdown(table).splitlines()
-    assert md[0].startswith("| trunc | sections |") and md[0].endswith(f"| {RETAINED} |")
+    assert md[0].startswith("| trunc | sections |") and md[0].endswith(f"| {GEN_TOKENS} |")
     assert md[1].startswith("| ----: | -------- |")
     assert [c.strip() for c in md[2].strip("|").split("|")] == [
-        "0.5", "cot", "5e+11", "20.0", "774.4", "300000", "75000", "55.0 ± 3.4", "90.2"]
+        "0.5", "cot", "5e+11", "20.0", "774.4", "300000", "75000", "55.0 ± 3.4", "90.2", "", "",
+        ""]
     assert len(md) == 2 + len(table)
     back = pd.read_csv(write_csv(table, tmp_path / "summary.csv"))
     assert list(back.columns) == list(table.columns) and len(back) == 4

@@ -59,7 +59,8 @@ def test_paper_command(sweep, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "% retained, ratio of means over benchmarks" in text
     assert "missing job 11: trunc=1.0 sections=ans" in text
-    expected = [f"{name}.{ext}" for name in ("tradeoff", "sections", "truncation", "example")
+    expected = [f"{name}.{ext}" for name in ("tradeoff", "sections", "truncation", "generation",
+                                             "example")
                 for ext in ("png", "pdf")] + ["accuracy.csv", "accuracy.md"]
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)
     for name in expected:

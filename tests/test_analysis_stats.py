@@ -112,7 +112,8 @@ def test_paper_table_by_hand(tmp_path):
         "95% CI high (%)", "interval", "% retained (this benchmark)",
         "% retained, mean of ratios over benchmarks", "% retained, ratio of means over benchmarks",
         "train FLOPs", "train time (s)", "peak memory (MiB)", "tokens trained",
-        "tokens supervised"]
+        "tokens supervised", "finished (%)", "gen tokens (mean)"]
+    assert table[["finished (%)", "gen tokens (mean)"]].isna().all().all()  # runs predate them
     row = table[(table["sections"] == "cot") & (table["trunc"] == 0.5)
                 & (table["benchmark"] == "math500")].iloc[0]
     assert (row["accuracy (%)"], row["95% CI low (%)"], row["95% CI high (%)"]) == (15.0, 10.0,

@@ -14,6 +14,7 @@ from kd_sweeps.cost import (
     ModelShape,
     attention_flops,
     forward_flops,
+    generation_flops,
     kd_step_flops,
     peak_memory_bytes,
     reset_peak_memory,
@@ -54,6 +55,21 @@ def test_kd_step_flops_by_hand():
     step = kd_step_flops(TINY, teacher, [3, 5])
     assert step == {"student": 3 * 21888, "teacher": 9536, "total": 3 * 21888 + 9536}
     assert kd_step_flops(TINY, None, [3, 5]) == {"student": 3 * 21888, "teacher": 0, "total": 3 * 21888}
+
+
+def test_generation_flops_by_hand():
+    # Prompt of 3 tokens: forward(3) = 2 * 1232 * 3 + 2 layers * 32 * 3^2 = 7392 + 576 = 7968.
+    # Then 2 generated tokens at contexts 4 and 5: weights 2 * 1232 each = 4928, attention
+    # 2 layers * 4 * 2 heads * 4 dims * c = 64 c -> 64 * (4 + 5) = 576.
+    assert generation_flops(TINY, 3, 2) == 7968 + 4928 + 576 == 13472
+    assert generation_flops(TINY, 3, 0) == forward_flops(TINY, [3])
+    # The same sum written as a loop over decode steps, at a long length (no closed-form slip).
+    prompt, new = 57, 1000
+    loop = forward_flops(TINY, [prompt]) + sum(2 * TINY.matmul_params() + 64 * (prompt + i)
+                                               for i in range(1, new + 1))
+    assert generation_flops(TINY, prompt, new) == loop
+    with pytest.raises(ValueError, match="must be >= 0"):
+        generation_flops(TINY, 3, -1)
 
 
 def test_from_config_reads_llama_and_qwen_fields():
@@ -203,6 +219,21 @@ def test_kd_step_matches_flop_counter(impl):
     assert abs(want["total"] / counter.get_total_flops() - 1) < TOL
     if impl == "eager":
         assert want["total"] == counter.get_total_flops()
+
+
+def test_generation_matches_flop_counter_of_a_kv_cache_loop():
+    # Prefill the prompt, then feed each generated token with the cache: the matmuls a decoding
+    # engine runs. Eager attention, so the score and value products are plain counted matmuls.
+    model, cfg = _qwen3("eager", num_key_value_heads=1)
+    prompt, new = 11, 7
+    ids = _ids(cfg.vocab_size)[:1, :prompt]
+    counter = _counter()
+    with torch.no_grad(), counter:
+        out = model(input_ids=ids, use_cache=True)
+        for _ in range(new):
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, cache=out.cache, use_cache=True)  # transformers 5: `cache`
+    assert generation_flops(ModelShape.from_config(cfg), prompt, new) == counter.get_total_flops()
 
 
 @pytest.mark.parametrize("is_causal", [False, True])

@@ -106,3 +106,20 @@ def test_collate_pads_right_and_ignores_padding(encoded):
         n = len(ex.input_ids)
         assert batch["attention_mask"][row].sum() == n
         assert torch.all(batch["labels"][row, n:] == data.IGNORE_INDEX)
+
+
+def test_sequences_are_the_chat_template_ids_and_the_synthetic_path_is_unchanged(tokenizer):
+    """encode and the cached real-data path share one rendering (template_ids, batched); the embedded
+    task's sequences are those of a per-record apply_chat_template call, as before."""
+    from omegaconf import OmegaConf
+
+    from kd_sweeps.schema import DataConfig
+
+    records = make_split(20, seed=4)
+    single = [tokenizer.apply_chat_template(data.messages(r), tokenize=True, return_dict=True)["input_ids"]
+              for r in records]
+    assert data.template_ids(tokenizer, records) == single
+    data_cfg = OmegaConf.structured(DataConfig(n_train=20, seed=4))
+    encoded, stats, rows = data.load_encoded(data_cfg, "train", tokenizer)
+    assert [e.input_ids for e in encoded] == [e.input_ids for e in data.encode(make_split(20, seed=4), tokenizer, 4096)[0]]
+    assert [e.input_ids for e in encoded] == single and rows == {"rows": "synthetic", "train": 20, "too_long": 0}

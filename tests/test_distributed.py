@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"layers": 1, "hidden": 32, "heads": 2}
 STEPS = 3
 # No autocast: the comparison must see how the batch is split, not bf16 rounding.
-SETTINGS = dict(max_steps=STEPS, batch_size=8, grad_accum=2, lr=1e-2, precision="fp32", seed=0)
+SETTINGS = dict(max_steps=STEPS, batch_size=8, micro_batch_size=2, lr=1e-2, precision="fp32", seed=0)
+# The paper's recipe at its learning rate, bf16 compute through FSDP2's mixed-precision policy.
+PAPER = dict(lr=4e-6, schedule="onecycle", betas=(0.9, 0.999), decay_norms_and_biases=True, precision="bf16")
 # Splitting a step differently only reorders sums: ~1e-7 relative in fp32. AdamW then moves every
 # weight by ~lr whatever its gradient's size, so where a gradient is nearly zero that rounding shows
 # in the weights up to ~lr times its relative size; exactness of the update is checked in float64.
@@ -52,14 +54,15 @@ def _examples_and_models(folder: Path):
 
 
 def _train(folder, env, teacher_parallel="replicate", loss_impl="chunked", state=None, dtype=torch.float32,
-           activation_checkpointing=False):
+           activation_checkpointing=False, normalize="token", **recipe):
     """STEPS steps; returns per-step losses, the full final parameters (rank 0) and, per step, the
     supervised tokens this rank metered."""
     tokenizer, examples, student, teacher = _examples_and_models(folder)
     student, teacher = student.to(dtype), teacher.to(dtype)
+    settings = train.LoopSettings(**{**SETTINGS, **recipe}, loss_impl=loss_impl)
     if activation_checkpointing:
         distributed.enable_activation_checkpointing(student)
-    student = distributed.shard_student(student, env)
+    student = distributed.shard_student(student, env, settings.precision)
     teacher = distributed.place_teacher(teacher, env, teacher_parallel)
     losses, metered = {}, {}
 
@@ -68,9 +71,9 @@ def _train(folder, env, teacher_parallel="replicate", loss_impl="chunked", state
         metered[step] = (sum(m["supervised"] for m in micro_batches), metrics["supervised_tokens"])
 
     resume = None if state is None else train.Resume(distributed.train_state(state, env), every=2)
-    train.train_loop(student, teacher, examples, tokenizer.pad_token_id,
-                     train.LoopSettings(**SETTINGS, loss_impl=loss_impl), train.LossSettings(kd_ratio=0.5),
-                     env.device, on_step=on_step, resume=resume, dist=env)
+    train.train_loop(student, teacher, examples, tokenizer.pad_token_id, settings,
+                     train.LossSettings(kd_ratio=0.5, normalize=normalize), env.device, on_step=on_step,
+                     resume=resume, dist=env)
     final = distributed.gathered_model(student, env)
     params = None if final is None else {k: v.detach().clone() for k, v in final.state_dict().items()}
     return losses, params, metered
@@ -91,7 +94,9 @@ def _worker(rank: int, world_size: int, port: int, folder: str) -> None:
                    "resumed": _train(folder, env, state=folder / "state"),  # resumes at step 2
                    "teacher_shard_full": _train(folder, env, "shard", "full"),
                    "checkpointed": _train(folder, env, activation_checkpointing=True),
-                   "float64": _train(folder, env, dtype=torch.float64)}
+                   "float64": _train(folder, env, dtype=torch.float64),
+                   "sequence": _train(folder, env, dtype=torch.float64, normalize="sequence"),
+                   "paper_bf16": _train(folder, env, normalize="sequence", **PAPER)}
         # Cost metering: each rank counts its own micro-batches; their sum is the global step's count.
         for losses, params, metered in results.values():
             for step, (mine, global_count) in metered.items():
@@ -129,6 +134,7 @@ def test_two_processes_match_one(tmp_path):
     # The single-process reference first: it also writes the initial weights the ranks load.
     references = {dtype: _train(tmp_path, distributed.DistEnv(), dtype=dtype)[:2]
                   for dtype in (torch.float32, torch.float64)}
+    sequence_reference = _train(tmp_path, distributed.DistEnv(), dtype=torch.float64, normalize="sequence")[:2]
     _spawn(2, tmp_path)
     results = torch.load(tmp_path / "results.pt", weights_only=True)
 
@@ -153,6 +159,16 @@ def test_two_processes_match_one(tmp_path):
     assert resumed_losses[STEPS - 1] == pytest.approx(results["replicate"][0][STEPS - 1], abs=1e-6)
     assert max((resumed_params[k] - results["replicate"][1][k]).abs().max().item()
                for k in resumed_params) < 1e-6
+    # Each sequence its own token mean (the paper's weighting), split over 2 ranks x 2 micro-batches.
+    references["sequence"] = sequence_reference
+    sequence = largest_difference(*results["sequence"], "sequence")
+    assert sequence[0] < 1e-8 and sequence[1] < 1e-7, sequence
+    # bf16 compute (FSDP2's policy) on fp32 shards at the paper's lr 4e-6: every weight element moves.
+    initial = torch.load(tmp_path / "student.pt", weights_only=True)
+    final = results["paper_bf16"][1]
+    moved = sum(int((final[k] != initial[k]).sum()) for k in initial) / sum(v.numel() for v in initial.values())
+    print(f"2 processes, bf16 compute, fp32 shards, lr 4e-6, {STEPS} steps: {moved:.1%} of weight elements moved")
+    assert all(v.dtype == torch.float32 for v in final.values()) and moved >= 0.99
     # A sharded teacher and the full-logits loss, or activation checkpointing: the same losses.
     assert largest_difference(*results["teacher_shard_full"])[0] < TOLERANCE
     assert largest_difference(*results["checkpointed"])[0] < TOLERANCE
@@ -161,7 +177,7 @@ def test_two_processes_match_one(tmp_path):
 # The embedded pair untrained (prep_steps=0): this checks the plumbing, not accuracy.
 E2E = ["model.teacher.prep_steps=0", "model.teacher.prep_examples=64", "model.teacher.prep_eval_problems=4",
        "model.student.prep_steps=0", "model.student.prep_examples=64", "model.student.prep_eval_problems=4",
-       "data.n_train=64", "data.n_test=4", "train.max_steps=3", "train.batch_size=8", "train.grad_accum=2",
+       "data.n_train=64", "data.n_test=4", "train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=2",
        "train.precision=fp32", "train.checkpoint_every=2", "train.device=cpu", "train.num_threads=1",
        "eval.n_problems=4", "eval.max_new_tokens=16"]
 
@@ -246,9 +262,12 @@ def test_submitit_tasks_join_one_process_group(tmp_path):
 
 def test_batch_must_split_evenly_over_ranks():
     env = distributed.DistEnv(rank=0, world_size=4)
-    assert distributed.micro_batch_size(8, 2, env) == 1
-    with pytest.raises(ValueError, match=r"train.batch_size=8 .*4 processes.*train.grad_accum=4"):
+    assert distributed.micro_batch_size(8, 1, env) == 1 and distributed.accumulation_steps(8, 1, env) == 2
+    assert distributed.micro_batch_size(8, None, env) == 2  # null: the rank's whole share
+    with pytest.raises(ValueError, match=r"train.micro_batch_size=4: each of the 4 processes trains on 2"):
         distributed.micro_batch_size(8, 4, env)
+    with pytest.raises(ValueError, match=r"train.batch_size=6 cannot be split over 4 processes"):
+        distributed.micro_batch_size(6, 1, env)
     assert distributed.rank_slice(list(range(8)), distributed.DistEnv(rank=2, world_size=4)) == [4, 5]
 
 

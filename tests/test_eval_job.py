@@ -18,7 +18,8 @@ from kd_sweeps.validation import ConfigError, validate
 from tests.test_end_to_end import FAST, cache_dir, launch, point_results  # noqa: F401 (fixture)
 
 EVAL_KEYS = ("accuracy", "accuracy_stderr", "eval/synthetic/accuracy", "eval/synthetic/n",
-             "eval/synthetic/generated_tokens", "eval/synthetic/per_problem")
+             "eval/synthetic/generated_tokens", "eval/synthetic/per_problem", "eval/synthetic/finished_rate",
+             "eval/synthetic/gen_tokens_mean", "eval/synthetic/gen_tokens_max", "finished_rate", "gen_tokens_mean")
 
 
 def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cache_dir):  # noqa: F811
@@ -34,6 +35,12 @@ def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cach
     assert job["cluster"] == "local" and (apart / other["run_id"] / "eval_job").is_dir()
     for key in EVAL_KEYS:
         assert other["summary"][key] == one["summary"][key], key
+    summary = other["summary"]
+    assert 0 <= summary["finished_rate"] <= 1 and summary["finished_rate"] == summary["eval/synthetic/finished_rate"]
+    assert summary["eval/synthetic/gen_tokens_max"] <= 48  # FAST: eval.max_new_tokens=48
+    assert summary["eval/synthetic/generated_tokens"] == summary["eval/synthetic/gen_tokens_mean"] * 8
+    results = [json.loads(line) for line in (apart / other["run_id"] / "eval" / "synthetic.jsonl").read_text().splitlines()]
+    assert sorted(r["problem"] for r in results) == list(range(8))  # one line per completion, as they ended
     # The evaluation job continued the training's W&B run: one run, two segments, finished.
     (run,) = read_runs(apart / other["run_id"] / "wandb")
     assert run.segments == 2 and run.state == "finished"
@@ -54,6 +61,8 @@ def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cach
     assert "1 grid point(s): 1 ran, 0 skipped (already done), 0 failed" in again.stdout
     redone = json.loads(record_file.read_text())
     assert redone["status"] == "ok" and checkpoint.stat().st_mtime_ns == trained_at
+    # Every completion was on disk already: the new job read them back and generated none again.
+    assert len((apart / other["run_id"] / "eval" / "synthetic.jsonl").read_text().splitlines()) == 8
     assert redone["summary"]["eval_job"]["job_id"] != job["job_id"]
     for key in (*EVAL_KEYS, "train_time_s", "train_flops"):
         assert redone["summary"][key] == other["summary"][key], key
@@ -98,3 +107,31 @@ def test_an_evaluation_job_that_dies_fails_its_point_with_the_log_named(tmp_path
     stored = json.loads((tmp_path / "result.json").read_text())
     assert stored["status"] == "failed" and f"evaluation job {job.job_id} ended" in stored["error"]
     assert str(job.paths.stderr) in stored["error"]
+
+
+def test_a_preempted_evaluation_job_stays_evaluating_and_is_handed_to_submitit(tmp_path, monkeypatch):
+    """The scheduler's signal stops generation (finished completions are on disk): the record stays
+    "evaluating" for the requeued job, and the signal goes on to submitit's handler, which requeues
+    (on a time limit too: the submitted callable is checkpointable)."""
+    from kd_sweeps import run
+    from kd_sweeps.checkpoint import Preempted
+
+    handled = []
+    def preempted(cfg, checkpoint):
+        raise Preempted("evaluation stopped by a preemption signal", handler=lambda *args: handled.append(args))
+
+    monkeypatch.setattr(run, "evaluate_checkpoint", preempted)
+    record = {"run_id": "abc", "sweep": "s", "status": "evaluating", "error": None, "overrides": [],
+              "config": {"logger": {"mode": "disabled"}}, "summary": {"train_flops": 1.0}, "last_action": "ran"}
+    write_json_atomic(tmp_path / "result.json", record)
+    with pytest.raises(Preempted):
+        eval_job.evaluate_point(str(tmp_path))
+    stored = json.loads((tmp_path / "result.json").read_text())
+    assert stored["status"] == "evaluating" and stored["error"] is None and handled
+    requeue = eval_job.EvaluationJob().checkpoint(str(tmp_path))
+    assert isinstance(requeue.function, eval_job.EvaluationJob) and requeue.args == (str(tmp_path),)
+
+    # A requeue after a hard kill finds the record "running" (never closed): it evaluates again.
+    write_json_atomic(tmp_path / "result.json", {**record, "status": "running"})
+    with pytest.raises(Preempted):
+        eval_job.evaluate_point(str(tmp_path))

@@ -95,3 +95,69 @@ def test_vllm_path_gives_the_same_results_format(tmp_path):
     result = evaluate.evaluate(None, tokenizer, records, Vllm(), torch.device("cuda"), checkpoint=tmp_path, seed=1)
     assert result.n == 6 and len(result.per_problem) == 6
     assert 0 < result.generated_tokens <= 6 * Vllm.n_samples * Vllm.max_new_tokens
+
+
+class _FakeVllm:
+    """Stands in for the ``vllm`` module (not installable on a CPU box): records what the engine
+    is asked and answers each request with a fixed completion."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.__dict__.update(kwargs)
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.engine_kwargs = kwargs
+
+            def generate(self, prompts, params, use_tqdm=False):
+                fake.calls.append((prompts, params))
+                return [fake.answer(p) for p in params]
+
+        self.SamplingParams, self.LLM = SamplingParams, LLM
+
+    def answer(self, params):
+        from types import SimpleNamespace
+
+        boxed = self.tokenizer("\\boxed{3}", add_special_tokens=False)["input_ids"]
+        if params.seed % 2:  # ran to the limit
+            out = SimpleNamespace(token_ids=(boxed * 20)[: params.max_tokens], finish_reason="length", stop_reason=None)
+        else:  # ended on the eos, which vLLM leaves out of token_ids
+            out = SimpleNamespace(token_ids=boxed, finish_reason="stop", stop_reason=None)
+        return SimpleNamespace(outputs=[out])
+
+
+def test_vllm_engine_gets_the_same_requests_sampling_and_stop_set(tmp_path, monkeypatch):
+    import sys
+
+    from kd_sweeps import generate_vllm
+
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    fake = _FakeVllm(tokenizer)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(generate_vllm, "CHUNK", 3)  # 5 requests: two chunks
+    records = [{**r, "answer": "3"} for r in make_split(5, seed=0)]
+
+    class Sampled(EvalCfg):
+        engine, n_samples, top_k = "vllm", 1, 0
+
+    result = evaluate.evaluate(None, tokenizer, records, Sampled(), torch.device("cpu"), checkpoint=tmp_path, seed=5,
+                               results_file=tmp_path / "eval" / "synthetic.jsonl")
+    assert [len(prompts) for prompts, _ in fake.calls] == [3, 2]
+    prompts = [p["prompt_token_ids"] for chunk, _ in fake.calls for p in chunk]
+    assert prompts == [tokenizer(p, add_special_tokens=False)["input_ids"]
+                       for p in evaluate.chat_prompts(tokenizer, records)]
+    params = [p for _, chunk in fake.calls for p in chunk]
+    assert {(p.temperature, p.top_p, p.top_k, p.max_tokens, p.n) for p in params} == {(0.7, 0.95, -1, 12, 1)}
+    assert [p.seed for p in params] == [evaluate.request_seed(5, i, 0) for i in range(5)]
+    assert all(p.stop_token_ids == [tokenizer.eos_token_id] and not p.skip_special_tokens for p in params)
+    stopped = [p.seed % 2 == 0 for p in params]
+    assert result.accuracy == 1.0 and result.finished_rate == sum(stopped) / 5
+    assert result.generated_tokens == sum(6 if s else 12 for s in stopped)  # 5 answer tokens + the eos; or the limit
+    again = evaluate.evaluate(None, tokenizer, records, Sampled(), torch.device("cpu"), checkpoint=tmp_path, seed=5,
+                              results_file=tmp_path / "eval" / "synthetic.jsonl")
+    assert again.resumed == 5 and len(fake.calls) == 2  # read back: vLLM was not started again

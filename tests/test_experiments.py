@@ -30,8 +30,19 @@ def valid_companions(override: str) -> list[str]:
 
 
 @pytest.mark.parametrize("override", list(preset_overrides()))
-def test_every_preset_composes_and_validates(override):
+def test_every_preset_composes_and_validates(override, tmp_path, monkeypatch):
+    if override == "model=qwen3_local":  # reads its folders from $QWEN3_DIR (the real tokenizers)
+        from tests.qwen3_hub import build_qwen3_pair
+
+        build_qwen3_pair(tmp_path)
+        monkeypatch.setenv("QWEN3_DIR", str(tmp_path))
     validate(compose_config([override, *valid_companions(override)]))
+
+
+def test_local_qwen3_preset_without_its_folder_says_what_to_set(monkeypatch):
+    monkeypatch.delenv("QWEN3_DIR", raising=False)
+    with pytest.raises(ValueError, match="QWEN3_DIR"):
+        validate(compose_config(["model=qwen3_local"]))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -52,7 +63,7 @@ def tiny_swaps(name: str, tiny_hub, out) -> list[str]:
         f"model.teacher.name_or_path={tiny_hub}", f"model.student.name_or_path={tiny_hub}",
         "data.source=json", f"data.path={FIXTURES / 'datasets' / 'bespoke_stratos17k.jsonl'}",
         "data.name=bespoke_stratos17k", "data.n_train=2", "data.n_val=1", "data.max_tokens=4096",
-        "train.max_steps=1", "train.batch_size=1", "train.grad_accum=1", "train.precision=fp32",
+        "train.max_steps=1", "train.batch_size=1", "train.micro_batch_size=1", "train.precision=fp32",
         "eval.n_problems=1", "eval.n_samples=1", "eval.max_new_tokens=4", "eval.batch_size=1",
         "+eval.benchmark_paths=" + json.dumps(benchmark_paths).replace('"', ""),
     ]

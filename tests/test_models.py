@@ -54,3 +54,22 @@ def test_cache_key_changes_with_the_spec():
     assert models.embedded_key(SPEC, "teacher") != models.embedded_key({**SPEC, "hidden": 64}, "teacher")
     assert models.embedded_key(SPEC, "teacher") != models.embedded_key(SPEC, "base")
     assert models.embedded_key(SPEC, "teacher") == models.embedded_key(dict(SPEC), "teacher")
+
+
+def test_a_one_time_preparation_says_what_why_where_and_how_long(tmp_path, caplog):
+    import logging
+
+    tokenizer = models.embedded_tokenizer(tmp_path)
+    with caplog.at_level(logging.INFO, logger="kd_sweeps.models"):
+        prepared = models.prepare_embedded(SPEC, "teacher", tokenizer, tmp_path, "sdpa", torch.device("cpu"))
+    announced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preparing the embedded")]
+    assert len(announced) == 1, [r.getMessage() for r in caplog.records]
+    line = announced[0]
+    resolved = models.resolved_spec(SPEC, "cpu")["prep_precision"]
+    assert f"teacher model (1 layers, hidden 32; 2 CE steps of 4 sequences in {resolved})" in line
+    assert "the teacher every grid point distils from" in line and f"reused from {prepared.path}" in line
+    assert "About 0m 0" in line and "ms per step, timed now" in line  # 2 steps of a 1-layer model: seconds
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kd_sweeps.models"):
+        models.prepare_embedded(SPEC, "teacher", tokenizer, tmp_path, "sdpa", torch.device("cpu"))
+    assert not any(r.getMessage().startswith("preparing") for r in caplog.records)  # cached: nothing to announce

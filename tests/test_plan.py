@@ -162,7 +162,7 @@ def test_flops_and_tokens_match_a_replay_of_the_training_loop(setting):
     from kd_sweeps.tokenizer import build_tokenizer
     from tests.conftest import compose_config
 
-    overrides = [*setting, "train.grad_accum=2", *SMALL]
+    overrides = [*setting, "train.micro_batch_size=16", *SMALL]
     predicted = planner.make_plan(overrides).points[0]
     cfg = compose_config(overrides)
     tokenizer = build_tokenizer()
@@ -174,7 +174,7 @@ def test_flops_and_tokens_match_a_replay_of_the_training_loop(setting):
     meter = CostMeter(student, None if cfg.train.teacher_cache == "topk" else teacher,
                       head_on_supervised_only=cfg.train.loss_impl == "chunked")
     batches = data.length_grouped_batches([len(e.input_ids) for e in examples], cfg.train.batch_size, cfg.seed)
-    micro = cfg.train.batch_size // cfg.train.grad_accum
+    micro = cfg.train.micro_batch_size
     for _ in range(cfg.train.max_steps):
         chosen = [examples[i] for i in next(batches)]
         for start in range(0, len(chosen), micro):

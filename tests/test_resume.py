@@ -17,13 +17,23 @@ from tests.test_end_to_end import FAST
 from tests.test_train import tiny_setup
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread (two threads on a busy 2-core box wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup():
     return tiny_setup(48, attn="sdpa")
 
 
-def train_steps(setup, resume=None, signal_at=None, max_steps=6):
-    tokenizer, examples, student, teacher = setup
+def train_steps(setup, resume=None, signal_at=None, max_steps=6, examples=None, loss=None, **recipe):
+    tokenizer, default_examples, student, teacher = setup
+    examples = default_examples if examples is None else examples
     model = copy.deepcopy(student)
     losses = {}
 
@@ -32,8 +42,8 @@ def train_steps(setup, resume=None, signal_at=None, max_steps=6):
         if step == signal_at:  # what Slurm does before a preemption: a signal to the job
             os.kill(os.getpid(), signal.SIGUSR2)
 
-    settings = train.LoopSettings(max_steps=max_steps, batch_size=8, lr=5e-3, precision="bf16", seed=3)
-    train.train_loop(model, teacher, examples, tokenizer.pad_token_id, settings, train.LossSettings(),
+    settings = train.LoopSettings(max_steps=max_steps, batch_size=8, lr=5e-3, precision="bf16", seed=3, **recipe)
+    train.train_loop(model, teacher, examples, tokenizer.pad_token_id, settings, loss or train.LossSettings(),
                      torch.device("cpu"), on_step, resume=resume)
     return losses, model
 
@@ -48,6 +58,28 @@ def test_signal_saves_and_resume_matches_uninterrupted(setup, tmp_path):
     assert sorted(resumed) == [3, 4, 5]  # it continued after the 3 finished steps
     largest = max(abs(resumed[s] - reference[s]) for s in resumed)
     assert largest == 0.0, f"largest loss difference after resume: {largest}"
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_paper_recipe_resumes_bit_exact_across_epochs(setup, tmp_path):
+    """OneCycleLR (its beta1 cycle too), decay on every parameter, micro-batches, per-sequence loss and
+    random_labels redrawn at the epoch boundary: the resumed run is the uninterrupted one, bit for bit."""
+    from kd_sweeps import data
+    from kd_sweeps.synthetic import make_split
+
+    encoded, _ = data.encode(make_split(16, seed=0), setup[0], 4096)
+    examples, _ = data.training_examples(encoded, ("P", "CoT", "A"), 0.5, "random_labels", False, 3)
+    assert len(examples) == 16  # 2 steps of 8 per epoch: 4 steps are 2 epochs, two draws of the labels
+    recipe = dict(examples=examples, loss=train.LossSettings(normalize="sequence"), micro_batch_size=2,
+                  schedule="onecycle", betas=(0.9, 0.999), decay_norms_and_biases=True)
+    reference, ref_model = train_steps(setup, max_steps=4, **recipe)
+    state = TrainState(tmp_path)
+    with pytest.raises(Preempted, match="after step 3"):  # in the second epoch
+        train_steps(setup, resume=train.Resume(state), signal_at=2, max_steps=4, **recipe)
+    resumed, model = train_steps(setup, resume=train.Resume(state), max_steps=4, **recipe)
+    assert sorted(resumed) == [3]
+    assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert torch.equal(a, b)
 
@@ -77,6 +109,10 @@ def test_a_preempted_grid_point_resumes_its_run(tmp_path, monkeypatch):
         return run.main(cfg)
 
     reference = point(tmp_path / "a")
+    from kd_sweeps import precision
+
+    # The summary says what ran: the precision train.precision=auto resolved to here, and the steps.
+    assert reference["precision"] == precision.resolve("auto", "cpu") and reference["train_steps"] == 4
     with pytest.raises(Preempted):
         point(tmp_path / "b", signal_at=1)
     interrupted = json.loads((tmp_path / "b" / "result.json").read_text())

@@ -178,7 +178,7 @@ def test_supervised_tokens_grid(preset, mode, cut, trunc):
     # Brute-force count: tokens in the window, after its first, in a chosen section.
     eligible = sum(1 for i in range(start + 1, end) if labels[i] in chosen)
     if mode == "random_labels":
-        assert sum(mask) == round(trunc * eligible)
+        assert sum(mask) == eligible - round((1 - trunc) * eligible)  # the paper drops round(r * n), r = 1 - trunc
     else:
         assert sum(mask) == eligible
     # Every input id is recoverable through label_tensor.

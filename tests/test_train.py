@@ -38,7 +38,7 @@ def setup():
 def run(setup, grad_accum: int, steps: int = 2, kd_ratio: float = 0.5):
     tokenizer, examples, student, teacher = setup
     model = copy.deepcopy(student).double()
-    settings = train.LoopSettings(max_steps=steps, batch_size=8, grad_accum=grad_accum, lr=1e-2,
+    settings = train.LoopSettings(max_steps=steps, batch_size=8, micro_batch_size=8 // grad_accum, lr=1e-2,
                                   precision="fp32", seed=0)
     losses = []
     train.train_loop(model, teacher.double(), examples, tokenizer.pad_token_id, settings,
