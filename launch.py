@@ -2,15 +2,18 @@
 
     python launch.py                              # one run of the embedded default
     python launch.py -m trunc=0.25,0.5,1.0        # a sweep; a summary table and plot at the end
+    python launch.py --help                       # the groups, their choices and every key
     python launch.py --cfg job                    # print the resolved config
 """
 
 import hydra
 from omegaconf import DictConfig
 
+from kd_sweeps.cli_help import did_you_mean, register_help
 from kd_sweeps.schema import register_configs
 
 register_configs()
+register_help()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -21,4 +24,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with did_you_mean():  # an unknown key or choice: Hydra's error, then the closest names
+        main()

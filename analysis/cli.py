@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -194,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from analysis.checks import check_comparable
     from analysis.load import load
 
+    # Before any loading: an --out below a file fails now, not after the figures are drawn.
+    existing = next(p for p in (args.out.absolute(), *args.out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is a file, not a folder" if not existing.is_dir() else "is not writable"
+        print(f"error: --out {args.out}: {existing} {why}; choose another --out", file=sys.stderr)
+        return 2
     try:
         df = load(args.source, group=args.group, tags=args.tags, state=args.state)
         grid = grid_report(df, args.source, args.sweep_dir)
@@ -202,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(df)} run{'' if len(df) == 1 else 's'} from {args.source}")
+    if df.empty or not (df["status"] == "ok").fillna(False).any():  # nothing to draw: not a success
+        print(f"error: no finished (ok) run in {args.source}; see the warnings above and the failed "
+              "runs below", file=sys.stderr)
+        print_problems(df, grid)
+        return 1
     missing = footnote_points(df, grid)
     run = run_tradeoff if args.command == "tradeoff" else run_paper
     paths = run(df, args, missing)

@@ -1,7 +1,7 @@
 """Turn sweep runs into one tidy, typed DataFrame (one row per run).
 
 Two sources describe the same runs: the ``result.json`` each grid point writes
-and its offline W&B run (id = run_id, group = sweep, same config and summary).
+and its offline W&B run (id = <run_id>-<sweep>, group = sweep, same config and summary).
 Both are reduced to records shaped like ``result.json`` and go through
 ``runs_frame``, so the same runs give equal frames whichever source is read.
 """
@@ -59,6 +59,9 @@ COLUMNS: dict[str, str] = {
     "teacher_accuracy": "float64",
     "base_accuracy": "float64",
     "max_new_tokens": "Int64",  # eval.max_new_tokens: the limit a completion that never stops hits
+    # Every config key that can change a result (analysis.checks.result_keys), as JSON: runs of one
+    # curve must agree on all of them (checks.check_comparable).
+    "settings": "string",
 }
 
 # Column prefix and dtype for each per-benchmark summary key eval/<bench>/<metric>.
@@ -143,9 +146,49 @@ def _sections(config: Mapping | None) -> tuple[Any, Any]:
     return _get(config, ("sections", "name")), include
 
 
-def _row(record: Mapping) -> dict[str, Any]:
-    config = record.get("config") or {}
+# Summary values that must be numbers in [0, 1] (shares) or ≥ 0 (costs, counts); others are not checked.
+_SHARES = ("accuracy", "accuracy_stderr", "teacher_accuracy", "base_accuracy", "finished_rate")
+_SHARE_METRICS = ("accuracy", "stderr", "finished_rate")
+
+
+def _invalid(key: str, value: Any) -> str | None:
+    """Why a summary value cannot be used (None: it can, or it is not one that is checked)."""
+    parts = key.split("/")
+    metric = parts[-1] if len(parts) >= 3 and parts[0] == "eval" else None
+    share = key in _SHARES or metric in _SHARE_METRICS
+    cost = key in _SUMMARY_COLUMNS or (metric in _ALL_METRICS and metric != "per_problem")
+    if not (share or cost) or value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{value!r} is not a number"
+    if not math.isfinite(value):
+        return f"{value!r} is not finite"
+    if share and not 0.0 <= value <= 1.0:
+        return f"{value!r} is outside [0, 1]"
+    if value < 0:
+        return f"{value!r} is negative"
+    return None
+
+
+def _checked_summary(record: Mapping) -> dict[str, Any]:
+    """The flat summary with unusable values left out, each named in a warning with its run."""
     summary = _flatten(record.get("summary"))
+    run = f"run {record.get('run_id') or '?'} (sweep {record.get('sweep') or '?'})"
+    if record.get("status") == "ok" and not summary:
+        log.warning("%s: status ok but no summary; it has no numbers to show", run)
+    for key, value in list(summary.items()):
+        why = _invalid(key, value)
+        if why:
+            log.warning("%s: summary %s=%s; left out", run, key, why)
+            summary[key] = None
+    return summary
+
+
+def _row(record: Mapping) -> dict[str, Any]:
+    from analysis.checks import settings_json
+
+    config = record.get("config") or {}
+    summary = _checked_summary(record)
     row: dict[str, Any] = {
         "sweep": record.get("sweep"),
         "run_id": record.get("run_id"),
@@ -154,6 +197,7 @@ def _row(record: Mapping) -> dict[str, Any]:
     }
     row["sections"], row["sections_include"] = _sections(config)
     row.update({col: _get(config, path) for col, path in _CONFIG_PATHS.items()})
+    row["settings"] = settings_json(config)
     row.update({col: summary.get(col) for col in _SUMMARY_COLUMNS})
     for bench, metric, value in _benchmark_items(summary):
         row[f"{_ALL_METRICS[metric][0]}_{bench}"] = value
@@ -212,18 +256,24 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
 
 
 def read_result_records(sweep_dir) -> list[dict]:
-    """Every readable result.json below sweep_dir; unreadable ones are logged and skipped."""
-    records = []
+    """Every readable result.json below sweep_dir; unreadable ones are logged and skipped. A run
+    met twice (a copied point folder, a link to one) is counted once, with a warning."""
+    records, seen = [], {}
     for path in sorted(Path(sweep_dir).rglob("result.json")):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             log.warning("%s: skipped, not readable as JSON (%s)", path, exc)
             continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            log.warning("%s: skipped, not a JSON object", path)
+        if not isinstance(record, dict):
+            log.warning("%s: skipped, not a JSON object (a %s)", path, type(record).__name__)
+            continue
+        key = f"{record.get('sweep')}/{record['run_id']}" if record.get("run_id") else str(path.resolve())
+        if key in seen:
+            log.warning("%s: skipped, the same run (%s) as %s", path, key, seen[key])
+            continue
+        seen[key] = path
+        records.append(record)
     return records
 
 
@@ -244,7 +294,7 @@ def wandb_record(run) -> dict:
     # if the trainer also put it in the summary.
     error = summary.pop("error", None)
     return {
-        "run_id": run.run_id,
+        "run_id": run.run_id.split("-", 1)[0],  # W&B id = <point id>-<sweep> (kd_sweeps.wandb_naming)
         "sweep": run.group,
         "status": wandb_status(run.state),
         "error": error,

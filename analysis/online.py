@@ -86,7 +86,8 @@ def online_record(run) -> dict:
     error = summary.pop("error", None)
     config = {key: value for key, value in (_plain(run.config) or {}).items()
               if not key.startswith("_")}  # _wandb: wandb's own bookkeeping
-    return {"run_id": run.id, "sweep": run.group, "status": wandb_status(run.state),
+    # W&B id = <point id>-<sweep> (kd_sweeps.wandb_naming.wandb_run_id); result.json keeps the point id.
+    return {"run_id": run.id.split("-", 1)[0], "sweep": run.group, "status": wandb_status(run.state),
             "error": error, "config": config, "summary": summary}
 
 

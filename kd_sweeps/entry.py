@@ -1,9 +1,14 @@
 """What ``launch.py`` runs inside each job: Hydra's runtime facts → ``run.main``; failure isolation.
 
-In a sweep, a point that raises is recorded as failed (result.json, W&B state) and the sweep goes
-on; the end-of-sweep summary lists it and the command exits non-zero. A single run re-raises. A
-preemption signal is not a failure: the point is recorded as preempted, then the signal's earlier
-handler acts (submitit requeues the job, which resumes from the saved state) or the process stops.
+A point is first claimed (kd_sweeps/claim.py): a launch that finds it claimed by another one skips
+it and writes nothing there. In a sweep, a point that raises is recorded as failed (result.json, W&B
+state) and the sweep goes on; the end-of-sweep summary lists it and the command exits non-zero. A
+single run re-raises. A preemption signal is not a failure: the point is recorded as preempted, then
+the signal's earlier handler acts (submitit requeues the job, which resumes from the saved state) or
+the process stops. Ctrl-C records ``interrupted`` in a record this launch opened, nothing otherwise.
+
+Every job returns its outcome in this launch (``outcome``: ran / skipped / claimed / failed /
+interrupted), which the launcher hands to the end-of-sweep summary (kd_sweeps/launcher.py).
 """
 
 from __future__ import annotations
@@ -15,17 +20,45 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from kd_sweeps.redact import redact_text, redact_yaml_files
-from kd_sweeps.tracking import RESULT_FILE, now_iso, write_result
+from kd_sweeps.tracking import now_iso, read_result, write_result
 
 log = logging.getLogger(__name__)
+
+
+def outcome(kind: str, point: Path, status=None, error=None, summary=None) -> dict:
+    """A job's return value: what happened to its point in this launch."""
+    return {"outcome": kind, "point": str(point), "status": status, "error": error, "summary": summary or {}}
 
 
 def run_point(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from kd_sweeps import distributed
+    from kd_sweeps.claim import PointClaim
+
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
+    # Rank 0 claims for the whole multi-process point (the other ranks record nothing anyway).
+    claim = PointClaim(output_dir) if distributed.process_rank() == 0 else None
+    if claim is not None:
+        claim.__enter__()
+        if not claim.owned:
+            message = f"grid point {output_dir} is claimed by another launch ({claim.describe()})"
+            if hydra_cfg.mode != RunMode.MULTIRUN:  # the one point asked for is not run: say so
+                raise SystemExit(f"{message}; not run here, its record left alone")
+            log.warning("%s: skipped, its record left alone", message)
+            return outcome("claimed", output_dir, error=f"claimed by {claim.describe()}")
+    try:
+        return _run_claimed(cfg, hydra_cfg, output_dir)
+    finally:
+        if claim is not None:
+            claim.__exit__()
+
+
+def _run_claimed(cfg: DictConfig, hydra_cfg, output_dir: Path) -> dict:
+    from hydra.types import RunMode
+
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.output_subdir is not None:  # Hydra saved the config with any token it was given
         redact_yaml_files(output_dir / hydra_cfg.output_subdir)
@@ -36,19 +69,32 @@ def run_point(cfg: DictConfig) -> dict:
 
     from kd_sweeps.checkpoint import Preempted
 
+    before = read_result(output_dir)
     try:
-        return run.main(cfg, overrides)
+        summary = run.main(cfg, overrides)
     except Preempted as stop:  # recorded as preempted; now submitit requeues the job, or we stop
         stop.hand_over()  # never returns: exits (submitit) or re-raises
     except Exception as err:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
         log.exception("grid point %s failed", redact_text(" ".join(overrides)))
-        # Failed before its record was opened; in a multi-process job only rank 0 writes the record.
-        if not (output_dir / RESULT_FILE).exists() and distributed.process_rank() == 0:
-            write_result(output_dir, {
-                "run_id": None, "sweep": cfg.sweep, "status": "failed",
-                "error": f"{type(err).__name__}: {err}", "overrides": overrides, "config": None,
-                "summary": {}, "started_at": now_iso(), "finished_at": now_iso(),
-                "launched_at": now_iso(), "last_action": "failed"})
-        return {"status": "failed", "error": str(err)}
+        error = f"{type(err).__name__}: {err}"
+        # Failed before its record was opened (the record is the one found at the start): record the
+        # failure, unless that record holds a finished result (a forced rerun keeps it). In a
+        # multi-process job only rank 0 writes the record.
+        if read_result(output_dir) == before and (before or {}).get("status") != "ok" \
+                and distributed.process_rank() == 0:
+            write_result(output_dir, failure_record(cfg, overrides, error))
+        return outcome("failed", output_dir, "failed", redact_text(error))
+    record = read_result(output_dir) or {}
+    kind = "skipped" if record.get("last_action") == "skipped" else "ran"
+    return outcome(kind, output_dir, record.get("status", "ok"), summary=summary)
+
+
+def failure_record(cfg: DictConfig, overrides: list[str], error: str) -> dict:
+    from kd_sweeps.claim import holder
+
+    who = holder()
+    return {"run_id": None, "sweep": cfg.sweep, "status": "failed", "error": error, "overrides": overrides,
+            "config": None, "summary": {}, "started_at": now_iso(), "finished_at": now_iso(),
+            "launched_at": now_iso(), "last_action": "failed", "job_id": who["job_id"], "host": who["host"]}

@@ -5,10 +5,10 @@ together; when a row ends (a stop token, or its token limit) its completion is h
 ``on_finish`` at once and the next queued prompt takes its place, so the device never waits for the
 longest completion of a fixed batch (static batches run every row to the batch's longest one).
 
-The rows share one key/value cache (transformers' ``DynamicCache``, (rows, heads, T, head_dim) per
-layer), left-padded: a new row's prompt is prefilled on its own, padded on the left to the cache's
-length (or the cache to the prompt's) and appended; a finished row is dropped, and columns that are
-padding in every remaining row are cut. Each row keeps its own positions and attention mask, so a
+The rows share one key/value cache (transformers' ``DynamicCache``, its layers made to append in
+place; (rows, heads, T, head_dim) per layer), left-padded: new prompts are prefilled together,
+padded on the left to the cache's length (or the cache to theirs) and appended; a finished row is
+dropped, and columns that are padding in every remaining row are cut. Each row keeps its own positions and attention mask, so a
 row's tokens do not depend on which rows share its batch (greedy decoding agrees up to float noise).
 
 Sampling is the same in every engine: temperature, then top-k (0 = off), then top-p, each knob given
@@ -142,10 +142,19 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generators: Sequence) 
     return torch.cat([torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(generators)])
 
 
+def _cache_argument(model) -> str:
+    """The forward keyword of the key/value cache: ``cache`` in recent transformers 5 releases,
+    ``past_key_values`` before (5.0 names it so)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _forward(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=1)  # the output layer on the last position only
-    return out.logits[:, -1], out.cache  # (B, V)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **{_cache_argument(model): cache})  # the output layer on the last position only
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # (a DynamicCache may be falsy)
+    return out.logits[:, -1], cache  # (B, V)
 
 
 def _admit(model, rows: _Rows, new: list[Request], pad_id: int, sampling: Sampling, device) -> None:

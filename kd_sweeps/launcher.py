@@ -39,9 +39,80 @@ def lost_reason(state: str, timeout_min: float, waited_s: float, detail: str) ->
     return f"{head}: {detail}"
 
 
+# What happened to each grid point of this launch, in this (the sweep's) process: the launchers
+# append one entry per job (from its return value, or its loss); the end-of-sweep summary counts them.
+OUTCOMES: list[dict] = []
+
+
+def note_returns(returns: Sequence[Any]) -> None:
+    """Add each JobReturn's outcome to OUTCOMES (a job that raised past run_point counts failed)."""
+    from hydra.core.utils import JobStatus
+
+    for ret in returns:
+        value = getattr(ret, "_return_value", None)
+        overrides = list(ret.overrides or [])
+        if ret.status == JobStatus.COMPLETED and isinstance(value, dict) and "outcome" in value:
+            OUTCOMES.append({**value, "overrides": overrides})
+            continue
+        point = str(ret.hydra_cfg.hydra.runtime.output_dir) if getattr(ret, "hydra_cfg", None) else ""
+        error = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value)
+        OUTCOMES.append({"outcome": "failed", "point": point, "status": "failed", "error": error, "summary": {},
+                         "overrides": overrides})
+
+
+def _stub_return(overrides: Sequence[str], kind: str, error: str):
+    """A JobReturn for a job that never returned one (it raised before its task ran, or Ctrl-C)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+    ret.return_value = {"outcome": kind, "point": "", "status": kind, "error": error, "summary": {}}
+    return ret
+
+
+class CountsEveryPoint:
+    """Mixed into Hydra's BasicLauncher (conf/launcher/basic.yaml): the same in-process jobs, one
+    at a time, but none can end the sweep without a summary. A job that raises outside its task
+    (its folder cannot be created or written) is a failed point and the next one runs; Ctrl-C marks
+    the running point and those not started as interrupted, and the summary still runs."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:
+        from hydra.core.utils import JobStatus
+
+        returns: list = []
+        for offset, overrides in enumerate(job_overrides):
+            try:
+                (ret,) = super().launch([overrides], initial_job_idx + offset)
+            except KeyboardInterrupt:
+                log.error("interrupted (SIGINT): %d grid point(s) not finished", len(job_overrides) - offset)
+                returns += [_stub_return(o, "interrupted", "interrupted by SIGINT (Ctrl-C)")
+                            for o in job_overrides[offset:]]
+                break
+            except Exception as err:  # noqa: BLE001 - Hydra could not set the job up
+                log.exception("grid point %s could not start", " ".join(overrides))
+                ret = _stub_return(overrides, "failed", f"{type(err).__name__}: {err}")
+            if ret.status == JobStatus.FAILED:  # raised past run_point: a failed point, not a stop
+                note_returns([ret])
+                ret = _stub_return(overrides, "failed", OUTCOMES.pop()["error"])
+            returns.append(ret)
+        note_returns(returns)
+        return returns
+
+
 def record_lost_point(point_dir: Path, overrides: Sequence[str], sweep: str, reason: str) -> dict:
     """Mark the point failed in its result.json, keeping what its run recorded (config, id, start).
-    A record that says ok is left alone: the point finished before its process was lost."""
+    A record that says ok is left alone: the point finished before its process was lost; so is one
+    whose point another launch holds now (its claim, kd_sweeps/claim.py)."""
+    from kd_sweeps.claim import PointClaim
+
+    with PointClaim(point_dir) as claim:
+        if not claim.owned:
+            log.warning("lost grid point %s is claimed by %s: its record is left alone", point_dir,
+                        claim.describe())
+            return {"status": "failed", "error": reason}
+        return _record_lost(point_dir, overrides, sweep, reason)
+
+
+def _record_lost(point_dir: Path, overrides: Sequence[str], sweep: str, reason: str) -> dict:
     record = read_result(point_dir) or {}
     if record.get("status") == "ok":
         return record
@@ -82,7 +153,9 @@ class RecordsLostPoints:
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
         submitted = time.monotonic()
         jobs = executor.map_array(self, *zip(*job_params))
-        return [self._gather(job, list(overrides), submitted) for job, overrides in zip(jobs, job_overrides)]
+        returns = [self._gather(job, list(overrides), submitted) for job, overrides in zip(jobs, job_overrides)]
+        note_returns(returns)
+        return returns
 
     def _gather(self, job, overrides: list[str], submitted: float):
         from hydra.core.utils import JobReturn, JobStatus
@@ -107,8 +180,10 @@ class RecordsLostPoints:
             if point_dir else {"status": "failed", "error": reason}
         lost = JobReturn(overrides=overrides, working_dir=str(point_dir or ""), status=JobStatus.COMPLETED,
                          task_name=str(self.config.hydra.job.name))
-        lost.return_value = record.get("summary") if record.get("status") == "ok" else \
-            {"status": "failed", "error": reason}
+        ok = record.get("status") == "ok"
+        lost.return_value = {"outcome": "ran" if ok else "failed", "point": str(point_dir or ""),
+                             "status": record.get("status", "failed"), "error": None if ok else reason,
+                             "summary": record.get("summary") or {}}
         return lost
 
     def _point_dir(self, overrides: list[str]) -> Path | None:

@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TASK_VERSION = "dial-v2"  # bump when the embedded task's text format changes: invalidates caches
+TASK_VERSION = "digit-v3"  # bump when the embedded task's text format changes: invalidates caches
 
 
 @dataclass

@@ -559,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     # Planning never downloads: a hub dataset is used only if it is already in the local cache.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if args.csv:  # before the work: a CSV that cannot be written fails now, not after the plan
+        try:
+            args.csv.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"--csv {args.csv}: cannot create its folder ({err})", file=sys.stderr)
+            return 2
     try:
         plan = make_plan(args.overrides, args.config_name, assumed_lengths=args.lengths,
                          eval_assumptions=assumptions)

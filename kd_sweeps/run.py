@@ -17,7 +17,7 @@ from kd_sweeps import data, distributed, evaluate, identity, models, selection, 
 from kd_sweeps.cost import CostMeter, ModelShape
 from kd_sweeps.memory import PeakMemory
 from kd_sweeps.tracking import RESULT_FILE, Tracker, mark_skipped, read_result
-from kd_sweeps.validation import validate
+from kd_sweeps.validation import check_topk, validate
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     torch.manual_seed(cfg.seed)
     cache_dir = Path(cfg.cache_dir).expanduser()
     tokenizer = models.load_tokenizer(cfg, cache_dir)
+    check_topk(cfg, len(tokenizer))  # before the teacher loads
     # A real dataset is formatted, tokenized and length-filtered once (rank 0, cached in cache_dir/data) and
     # split; the other ranks and later grid points read the cached tables. data_rows: the count at every stage.
     encoded, stats, data_rows = data.load_encoded(
@@ -220,6 +221,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     meter_fields = ("flops_student", "flops_teacher", "tokens_trained", "tokens_supervised", "tokens_padded")
 
     def on_step(step: int, metrics: dict, micro_batches: list[dict]) -> None:
+        counters["last"] = {k: metrics.get(k) for k in ("loss", "ce_loss", "kd_loss")}
         for micro in micro_batches:
             meter.add_step(micro["shape"], micro["lengths"], micro["supervised"])
         val = selector.after_step(step, student_model) if selector else {}  # collective
@@ -229,24 +231,28 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     def get_extra() -> dict:  # every rank calls it at the same step: the state is saved collectively
         elapsed = counters["train_time_s"] + time.perf_counter() - started
         totals = distributed.all_reduce_sum([getattr(meter, k) for k in meter_fields], env)  # all ranks'
-        return {"train_time_s": elapsed, **dict(zip(meter_fields, totals)),
+        return {"train_time_s": elapsed, "last": counters.get("last", {}), **dict(zip(meter_fields, totals)),
                 **({"selection": selector.state()} if selector else {})}
 
     def set_extra(extra: dict) -> None:
         counters["train_time_s"] = extra["train_time_s"]
+        counters["last"] = extra.get("last", {})  # the last step's losses, for a resume with no step left
         for key in meter_fields:  # saved totals are all ranks': rank 0 carries them, the others restart at 0
             setattr(meter, key, extra[key] if env.is_main else 0)
         if selector:
             selector.restore(extra["selection"])
 
+    # With the evaluation in this job, the trained state is kept until it ends: an evaluation preempted
+    # or out of time resumes (eval/<benchmark>.jsonl) without training again.
     resume = train.Resume(distributed.train_state(output_dir / "train_state", env), cfg.train.checkpoint_every,
-                          get_extra, set_extra)
+                          get_extra, set_extra, at_end=not cfg.eval.separate_job)
     with PeakMemory(device) as memory:
         started = time.perf_counter()
         last = train.train_loop(student_model, teacher_model, examples, tokenizer.pad_token_id,
                                 loop_settings(cfg), loss_settings(cfg), device, on_step,
                                 desc=f"trunc={cfg.trunc} {cfg.sections.name}", resume=resume, dist=env)
         train_time = counters["train_time_s"] + time.perf_counter() - started
+        last = last or counters.get("last", {})  # resumed after the last step: no step ran here
     # Each rank metered its own micro-batches: the run's cost is their sum; memory, the busiest rank's.
     for key, total in zip(meter_fields, distributed.all_reduce_sum([getattr(meter, k) for k in meter_fields], env)):
         setattr(meter, key, total)

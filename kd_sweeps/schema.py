@@ -203,3 +203,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
     if not OmegaConf.has_resolver("kd_point_id"):
         OmegaConf.register_new_resolver("kd_point_id", point_id_resolver)
+    if not OmegaConf.has_resolver("kd_sweep_name"):  # hydra.*.dir: a bad sweep name fails before any folder
+        from kd_sweeps.validation import sweep_name_resolver
+
+        OmegaConf.register_new_resolver("kd_sweep_name", sweep_name_resolver)

@@ -282,11 +282,25 @@ def read_json_records(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
+                    _refuse_one_object(path, text)
                     raise SourceError(f"{path}:{line_no}: not valid JSON ({err})") from err
     not_rows = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
     if not_rows:
         raise SourceError(f"{path}: record(s) {not_rows[:5]} are not JSON objects")
     return rows
+
+
+def _refuse_one_object(path: Path, text: str) -> None:
+    """A file that is one JSON object spread over lines is valid JSON, just not records: say so."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(value, dict):
+        lists = [k for k, v in value.items() if isinstance(v, list)]
+        hint = f"; its list(s) {lists[:3]} may hold the records: save one as a JSON list or JSONL" if lists else ""
+        raise SourceError(f"{path}: holds one JSON object (keys {sorted(value)[:5]}), not records: "
+                          f"data.source=json reads a JSON list of records or JSONL, one record per line{hint}")
 
 
 def read_rows(name_or_path: str, source: str, spec: DatasetSpec | None, split: str | None):
@@ -295,6 +309,9 @@ def read_rows(name_or_path: str, source: str, spec: DatasetSpec | None, split: s
 
     if source == "json":
         path = Path(name_or_path)
+        if path.is_dir():
+            raise SourceError(f"data.path={name_or_path!r}: is a folder; data.source=json reads one JSON/JSONL "
+                              "file (data.source=path reads a folder of data files or a saved dataset)")
         if not path.is_file():
             raise SourceError(f"data.path={name_or_path!r}: no such file; data.source=json reads a JSON/JSONL file")
         return read_json_records(path)

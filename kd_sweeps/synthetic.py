@@ -1,13 +1,20 @@
-"""The embedded task: repeated addition or subtraction on a 0-9 dial, with a real prompt / chain of
-thought / answer.
+"""The embedded task: the last digit of ``start + step x count``, worked out one addition at a time,
+with a real prompt / chain of thought / answer in the proportions of the paper's data.
 
-A problem is a start digit, a step (``add 7`` or ``subtract 3``) and a count (2..12), all modulo
-10. The chain of thought restates the problem, then works one numbered line per
-repetition (``3: 8+7=5``) and states the result; the answer repeats it in ``\\boxed{}``. Each
-line reads the previous line's digit, the step and (to know when to stop) the count, so the answer
-needs every step, yet each line only needs nearby or unique tokens: a sub-million-parameter model
-learns it on a CPU in minutes. Sequence lengths vary about 2x between 2 and 12 repetitions, so
-truncation cuts different sections of different examples, as it does on real reasoning traces.
+A problem is a start digit, a step (1, 3, 7 or 9) and a count (2..12). The prompt is the expression
+itself, ``7+9×9`` (4 tokens). The chain of thought restates it on its first line, then works one
+line per addition, ``6+9=15, so 5, 7 left``: the sum, its last digit (the running value) and how many
+additions remain; the last line (``0 left``) carries the result, and the answer is ``\\boxed{8}``.
+So the prompt is under a tenth of a sequence's tokens, the chain of thought over four fifths and the
+answer a few tokens, and lengths run from about 60 to 210 tokens (3.5x): a miniature of the long
+reasoning traces the paper truncates, where cutting the leading half keeps the prompt and the first
+half of the working, not the result.
+
+Every line needs only tokens close to it: the running value ends the line above, the countdown sits
+at the end of each line (so when to stop is decided right where it is written), and the sum is a
+small table over (digit, step). A two-layer model of a few hundred thousand parameters learns it in
+about a minute on two CPU cores; copying a value from far back (a long restatement, a line number
+compared with the count in the prompt) is what makes such tasks slow for tiny models.
 """
 
 from __future__ import annotations
@@ -18,11 +25,10 @@ import random
 import re
 from dataclasses import dataclass
 
-MODULUS = 10  # a 0-9 dial: one-digit values, one-token arithmetic
-# Steps a problem can use. Few on purpose: each line's arithmetic is a table over (digit, step), and
-# small networks learn modular tables slowly; a handful of steps keeps the table small while the
-# answer still needs every line of the chain.
-STEPS = (1, 3, -1, -3)
+MODULUS = 10  # the running value is the last digit: one-token values
+# Steps a problem can use: each line's sum is a table over (digit, step), kept small; steps prime to
+# 10, so a chain visits every digit and the answer depends on every line.
+STEPS = (1, 3, 7, 9)
 # The problem space is small (10 starts x 4 steps x 11 counts = 440), so the held-out split is a fixed
 # 30% of the (start, step, count) combinations that training never sees: a test problem is always
 # new, while every (digit, step) line it needs occurs in other training problems.
@@ -36,7 +42,7 @@ BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 @dataclass(frozen=True)
 class Problem:
     start: int
-    step: int  # signed: +7 adds 7, -3 subtracts 3
+    step: int  # added at every step
     count: int  # repetitions
 
     @property
@@ -55,25 +61,21 @@ def sample_problem(rng: random.Random, min_steps: int, max_steps: int) -> Proble
     return Problem(rng.randint(0, MODULUS - 1), rng.choice(STEPS), count)
 
 
-def _instruction(problem: Problem) -> str:
-    verb = "add" if problem.step > 0 else "subtract"
-    return f"Start at {problem.start} and {verb} {abs(problem.step)} modulo 10, {problem.count} times"
-
-
 def prompt_text(problem: Problem) -> str:
-    return f"{_instruction(problem)}. What is the result?"
+    """The user turn: the expression whose last digit is asked for, e.g. ``7+9×9``."""
+    return f"{problem.start}+{problem.step}×{problem.count}"
 
 
 def reasoning_text(problem: Problem) -> str:
-    """The assistant turn: CoT between the markers, then the answer (paper format after formatting)."""
-    lines = [f"{_instruction(problem)}."]
-    previous, sign = problem.start, "+" if problem.step > 0 else "-"
+    """The assistant turn: CoT between the markers, then the answer (paper format after formatting).
+    The first line restates the problem; each next line is one addition and the countdown."""
+    lines = [prompt_text(problem)]
+    previous = problem.start
     for k, value in enumerate(problem.values, start=1):
-        lines.append(f"{k}: {previous}{sign}{abs(problem.step)}={value}")
+        lines.append(f"{previous}+{problem.step}={previous + problem.step}, so {value}, {problem.count - k} left")
         previous = value
-    lines.append(f"So the result is {problem.answer}.")
     cot = "\n".join(lines)
-    return f"<think>\n{cot}\n</think>\n\nThe result is \\boxed{{{problem.answer}}}."
+    return f"<think>\n{cot}\n</think>\n\n\\boxed{{{problem.answer}}}"
 
 
 def _digest_byte(problem: Problem) -> int:
@@ -130,6 +132,7 @@ def corpus_text() -> str:
     """Every word and symbol the task can produce, to build the tokenizer's vocabulary from."""
     rng = random.Random(0)
     texts = [prompt_text(p) + reasoning_text(p) for p in (sample_problem(rng, 12, 12) for _ in range(50))]
-    signed = " ".join(f"{op}{d}" for op in "+-" for d in range(10))
-    texts.append(f"user assistant system add subtract modulo 0123456789 {signed} +-=:.,?{{}}\\\n")
+    numbers = " ".join(str(n) for n in range(MODULUS + max(STEPS)))  # sums reach 9 + 9
+    signed = " ".join(f"+{d}" for d in range(MODULUS))
+    texts.append(f"user assistant system left so {numbers} {signed} ×+=,{{}}\\\n")
     return "\n".join(texts)

@@ -1,4 +1,4 @@
-"""The embedded tokenizer, built in code: words are tokens, digits and symbols are single tokens.
+"""The embedded tokenizer, built in code: words and numbers are tokens, symbols are single tokens.
 
 It is a real ``PreTrainedTokenizerFast`` (saved and reloaded like any hub tokenizer) with the
 reasoning markers ``<think>``/``</think>`` as special tokens and a Qwen-style chat template, so the
@@ -27,13 +27,13 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
 
-# Words stay whole; a signed digit (an operation such as "+5") is one token; every other digit,
-# space, newline and symbol is its own token.
-SPLIT_PATTERN = r"[A-Za-z]+|[+-]\d|\d|\s|[^A-Za-z\d\s]"
+# Words and numbers stay whole ("15" is one token: a sum is one table lookup); a signed digit (an
+# operation such as "+9") is one token; every space, newline and symbol is its own token.
+SPLIT_PATTERN = r"[A-Za-z]+|[+-]\d|\d+|\s|[^A-Za-z\d\s]"
 
 
 def build_tokenizer():
-    """A fast tokenizer over the embedded task's vocabulary (about 80 tokens)."""
+    """A fast tokenizer over the embedded task's vocabulary (about 55 tokens)."""
     from transformers import PreTrainedTokenizerFast
 
     pieces = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")

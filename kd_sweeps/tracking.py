@@ -1,8 +1,12 @@
 """Where a run's record goes: a W&B run (offline by default) and ``result.json``, written atomically.
 
 ``result.json`` is the store nothing else depends on: the resolved config, the summary, the status
-(running → ok | failed with the error | preempted, to resume from its saved state) and timestamps. W&B gets the same config and summary plus the
-per-step history; ``finish()`` is always called, with a non-zero exit code when the run failed.
+(running → ok | failed with the error | preempted, to resume from its saved state | interrupted by
+Ctrl-C), which job on which host wrote it, and timestamps.
+W&B gets the same config and summary plus the per-step history, in a run named by the point's
+grid values (``trunc=0.5 sections=cot``) with one tag per grid key, group = sweep, job type train
+(eval for a separate evaluation job) and id = point id + sweep; ``finish()`` is always called,
+with a non-zero exit code when the run failed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kd_sweeps.redact import redact
+from kd_sweeps.wandb_naming import wandb_fields
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -40,11 +45,20 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def file_mode() -> int:
+    """The mode an ordinary new file gets here (0o666 less the umask). mkstemp makes 0600 files,
+    which a colleague's analysis of a shared sweep folder cannot read."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -90,8 +104,9 @@ class Tracker:
         self.result = {"run_id": run_id, "sweep": sweep, "status": "running", "error": None,
                        "overrides": redact(list(overrides or [])), "config": self.config, "summary": {},
                        "started_at": now_iso(), "finished_at": None, "launched_at": now_iso(),
-                       "last_action": "ran"}
+                       "last_action": "ran", **_writer()}
         self.wandb_run = None
+        self.job_type = "train"  # W&B job type; "eval" when a separate evaluation job resumes the run
         self.status_on_success = "ok"  # "evaluating" while a separate evaluation job is pending
 
     @classmethod
@@ -100,7 +115,8 @@ class Tracker:
         the same result.json and the same W&B run (same id, resumed)."""
         tracker = cls(output_dir, result["run_id"], result["sweep"], result["config"], logger_cfg,
                       result.get("overrides"))
-        tracker.result = {**result, "status": "running", "error": None, "finished_at": None}
+        tracker.result = {**result, "status": "running", "error": None, "finished_at": None, **_writer()}
+        tracker.job_type = "eval"
         return tracker
 
     def __enter__(self) -> "Tracker":
@@ -129,11 +145,17 @@ class Tracker:
             sys.argv[:] = argv
 
     def _init_wandb(self, wandb):
+        # Name, tags, group, id and notes are redacted (kd_sweeps.wandb_naming). A later job of the
+        # point (its evaluation job) reuses them from result.json, so the run keeps its name.
+        stored = self.result.get("wandb") if isinstance(self.result.get("wandb"), dict) else {}
+        fields = {key: stored[key] for key in ("name", "tags", "group", "id", "notes") if key in stored} or \
+            wandb_fields(self.run_id, self.sweep, self.result.get("overrides") or [], self.output_dir.parent,
+                         list(self.logger_cfg.tags))
+        self.result["wandb"] = fields
         return wandb.init(
-            project=self.logger_cfg.project, entity=self.logger_cfg.entity, group=self.sweep,
-            job_type="train", name=self.run_id, id=self.run_id, resume="allow",
-            tags=list(self.logger_cfg.tags), config=self.config, dir=str(self.output_dir),
-            mode=self.logger_cfg.mode, settings=wandb.Settings(silent=True, console="off"),
+            project=self.logger_cfg.project, entity=self.logger_cfg.entity, job_type=self.job_type,
+            resume="allow", config=self.config, dir=str(self.output_dir), mode=self.logger_cfg.mode,
+            settings=wandb.Settings(silent=True, console="off"), **fields,
         )
 
     def log_step(self, step: int, metrics: dict) -> None:
@@ -150,12 +172,17 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> bool:
         failed = exc is not None
         preempted = failed and _is_preemption(exc)
-        self.result["status"] = "preempted" if preempted else "failed" if failed else self.status_on_success
-        if failed:
+        interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C: SIGINT, not an error of the run
+        self.result["status"] = "preempted" if preempted else "interrupted" if interrupted \
+            else "failed" if failed else self.status_on_success
+        if interrupted:
+            self.result["error"] = "interrupted by SIGINT (Ctrl-C); run the same command again to rerun it"
+        elif failed:
             self.result["error"] = redact(f"{exc_type.__name__}: {exc}")
             if any(full in str(exc) for full in DISK_FULL):  # the OS names the limit, not the place
                 self.result["error"] += (f" (writing under output_dir={self.output_dir}: free disk space or "
                                          "choose another output_dir / hydra.sweep.dir, then rerun the point)")
+        if failed:
             self.result["last_action"] = self.result["status"]
         self.result["finished_at"] = now_iso()
         try:
@@ -192,6 +219,14 @@ def _wait_for_offline_log(run_dir: Path, timeout_s: float = 30.0) -> None:
             log.warning("W&B offline log in %s has no exit record %.0f s after finish()", run_dir, timeout_s)
             return
         time.sleep(0.1)
+
+
+def _writer() -> dict:
+    """Which job and host write the record (the claim's holder, kd_sweeps/claim.py)."""
+    from kd_sweeps.claim import holder
+
+    who = holder()
+    return {"job_id": who["job_id"], "host": who["host"]}
 
 
 def _is_preemption(exc: BaseException) -> bool:

@@ -229,6 +229,9 @@ class Resume:
     every: int = 0  # also save every N steps (0: only when a preemption signal arrives)
     get_extra: Callable[[], dict] = dict  # counters to save with the state (cost, time)
     set_extra: Callable[[dict], None] = lambda extra: None
+    # Also save after the last step: an evaluation interrupted in this same job then resumes from the
+    # trained state (zero steps left) instead of training again.
+    at_end: bool = False
 
 
 def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
@@ -276,7 +279,9 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
             stop = guard.requested  # read once: a signal arriving later is seen after the next step
             if dist.distributed:  # a signal seen by any rank stops all of them after this same step
                 stop = distributed.agreed_signal(stop, dist)
-            if resume is not None and (stop or (resume.every and done % resume.every == 0)):
+            periodic = resume is not None and resume.every and done % resume.every == 0
+            last = resume is not None and resume.at_end and done == settings.max_steps
+            if resume is not None and (stop or periodic or last):
                 resume.state.save(done, student, optimizer, schedule, resume.get_extra())
             if stop:
                 guard.requested = stop  # a rank that saw no signal itself hands over another's

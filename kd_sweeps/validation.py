@@ -233,6 +233,47 @@ def _writable_dir(issues: list[str], key: str, value: str) -> None:
         issues.append(f"{key}={value!r}: {existing} is not writable; choose another {key}")
 
 
+SWEEP_NAME_MAX = 100  # characters: a folder name, a W&B group and a table title, not a text
+
+
+def sweep_name_problem(name: Any) -> str | None:
+    """Why ``sweep`` cannot name a folder under multirun/ (None: it can). It becomes a path and a
+    W&B group: path separators or ``..`` would put the sweep's folders outside multirun/."""
+    name = str(name) if name is not None else ""
+    if not name.strip():
+        why = "is empty"
+    elif len(name) > SWEEP_NAME_MAX:
+        why = f"is {len(name)} characters long, more than {SWEEP_NAME_MAX}"
+    elif "/" in name or "\\" in name or os.sep in name:
+        why = "holds a path separator"
+    elif ".." in name or name.startswith("."):
+        why = "holds '..' or starts with '.'"
+    elif not name.isprintable():
+        why = "holds a non-printable character"
+    else:
+        return None
+    shown = name if len(name) <= 40 else name[:40] + "…"
+    return (f"sweep={shown!r}: {why}; a sweep is named by letters, digits and - _ + = , . "
+            f"(at most {SWEEP_NAME_MAX} characters), e.g. sweep=trunc_study")
+
+
+def check_topk(cfg: DictConfig, vocab: int) -> None:
+    """train.teacher_topk against the tokenizer's vocabulary, known once the tokenizer is loaded
+    and before the teacher is: a cache of more columns than there are tokens cannot be built."""
+    if cfg.train.teacher_cache == "topk" and cfg.train.teacher_topk > vocab:
+        raise ConfigError(f"train.teacher_topk={cfg.train.teacher_topk}: more than the {vocab} tokens of the "
+                          f"vocabulary; choose at most {vocab}")
+
+
+def sweep_name_resolver(name: Any) -> str:
+    """OmegaConf resolver ``${kd_sweep_name:${sweep}}`` used by hydra.run.dir / hydra.sweep.dir:
+    a bad name fails when Hydra first resolves the folder, before it creates anything."""
+    problem = sweep_name_problem(name)
+    if problem:
+        raise ValueError(problem)
+    return str(name)
+
+
 def _check_paths(cfg: DictConfig, issues: list[str]) -> None:
     """Local models and benchmarks the point will read, and folders it will write: missing ones fail
     now, not after the models are loaded. (A missing data.path is the data loader's to report, first
@@ -245,6 +286,8 @@ def _check_paths(cfg: DictConfig, issues: list[str]) -> None:
         if not Path(file).expanduser().is_file():
             issues.append(f"eval.benchmark_paths.{bench}={file!r}: no such file")
     _writable_dir(issues, "output_dir", cfg.output_dir)
+    if sweep_name_problem(cfg.sweep):
+        issues.append(sweep_name_problem(cfg.sweep))
     if "embedded" in (cfg.model.teacher.source, cfg.model.student.source) or cfg.train.teacher_cache != "none" \
             or cfg.data.source != "synthetic":  # a real dataset's formatted and tokenized rows are cached there
         _writable_dir(issues, "cache_dir", cfg.cache_dir)
@@ -263,7 +306,11 @@ def validate(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as err:  # an unresolved interpolation or a MISSING value
-        raise ConfigError(f"config does not resolve: {err}") from err
+        hint = ""
+        if "'HOME' not found" in str(err):  # cache_dir's default is $KD_SWEEPS_CACHE, else $HOME/.cache
+            hint = ("\ncache_dir: neither KD_SWEEPS_CACHE nor HOME is set; set KD_SWEEPS_CACHE=/a/writable/folder "
+                    "(or HOME, or pass cache_dir=...)")
+        raise ConfigError(f"config does not resolve: {err}{hint}") from err
     _unit_interval(issues, "trunc", cfg.trunc, open_left=True)
     _choice(issues, "truncation.mode", cfg.truncation.mode, TRUNCATION_MODES)
     _check_sections(cfg, issues)

@@ -31,3 +31,27 @@ def compose_config(overrides=(), config_name: str = "config"):
 @pytest.fixture
 def compose():
     return compose_config
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny models: extra threads only add synchronisation, which
+    on a busy 2-core machine costs several times the work itself. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """Folders Qwen3-8B/ and Qwen3-4B-Base/ with the real tokenizers and tiny random weights
+    (tests/qwen3_hub.py); ``model=qwen3_local`` reads them with QWEN3_DIR set to this folder."""
+    from tests.qwen3_hub import build_qwen3_pair
+
+    root = tmp_path_factory.mktemp("qwen3")
+    build_qwen3_pair(root)
+    return root

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from analysis.wandb_offline import read_runs
+from kd_sweeps.wandb_naming import point_of_wandb_id
 from tests.conftest import ROOT
 
 FAST = [
@@ -66,7 +67,7 @@ def test_sweep_trains_evaluates_records_and_summarizes(tmp_path, cache_dir):
     # Same sequences, half of each kept: about half the tokens and less than 0.6x the FLOPs.
     assert 0.4 < half["tokens_trained"] / full["tokens_trained"] < 0.6
     assert half["train_flops"] < 0.6 * full["train_flops"]
-    runs = {run.run_id: run for run in read_runs(sweep_dir)}
+    runs = {point_of_wandb_id(run.run_id): run for run in read_runs(sweep_dir)}  # W&B id: <point>-<sweep>
     assert set(runs) == {r["run_id"] for r in results}
     for r in results:
         run = runs[r["run_id"]]

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from kd_sweeps import eval_store, evaluate, models
+from kd_sweeps import eval_store, evaluate
 from kd_sweeps.checkpoint import Preempted
 from kd_sweeps.generate import Sampling
 from kd_sweeps.synthetic import make_split
@@ -35,16 +35,10 @@ class Cfg:
 
 def save_tiny_checkpoint(folder) -> None:
     """A random 2-layer Qwen3 (embedded tokenizer) whose greedy completions differ by prompt."""
-    from transformers import Qwen3ForCausalLM
+    from tests.helpers import random_embedded_model
 
-    torch.manual_seed(0)
     tokenizer = build_tokenizer()
-    model = Qwen3ForCausalLM._from_config(models.qwen3_config({"layers": 2, "hidden": 64, "heads": 2}, tokenizer))
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() > 1:
-                weight.normal_(0, 0.15)
-    model.save_pretrained(folder)
+    random_embedded_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 

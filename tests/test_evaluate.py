@@ -58,10 +58,10 @@ def test_both_engines_share_prompts_token_counts_and_scoring():
     records = make_split(2, seed=0)
     prompts = evaluate.chat_prompts(tokenizer, records)
     assert prompts[0].endswith("<|im_start|>assistant\n") and records[0]["problem"] in prompts[0]
-    answer = tokenizer("<think>\n1: 2+1=3\n</think>\n\nThe result is \\boxed{3}.", add_special_tokens=False)["input_ids"]
+    answer = tokenizer("<think>\n2+1×1\n2+1=3, so 3, 0 left\n</think>\n\n\\boxed{3}", add_special_tokens=False)["input_ids"]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     text, count = evaluate.completion_text(tokenizer, answer + [eos, 7, 8])  # cut after the end token
-    assert count == len(answer) + 1 and text.startswith("<think>") and text.endswith("\\boxed{3}.")
+    assert count == len(answer) + 1 and text.startswith("<think>") and text.endswith("\\boxed{3}")
     assert evaluate.completion_text(tokenizer, answer + [pad, pad]) == (text, len(answer))  # unfinished, padded
     result = evaluate.score([{"answer": "3"}, {"answer": "4"}], [[text, "no answer"], [text, text]], 9)
     assert (result.accuracy, result.n, result.generated_tokens, result.per_problem) == (0.25, 2, 9, [0.5, 0.0])

@@ -41,7 +41,7 @@ def test_prepared_model_reloads_with_identical_logits(tmp_path):
     tokenizer = models.embedded_tokenizer(tmp_path)
     first = models.prepare_embedded(SPEC, "base", tokenizer, tmp_path, "sdpa", torch.device("cpu"))
     again = models.prepare_embedded(SPEC, "base", tokenizer, tmp_path, "sdpa", torch.device("cpu"))
-    ids = torch.tensor([tokenizer("Start at 3 and apply a+2.")["input_ids"]])
+    ids = torch.tensor([tokenizer("3+7×2\n3+7=10, so 0, 1 left")["input_ids"]])  # the embedded task's text
     with torch.no_grad():
         assert torch.equal(first.model(ids).logits, again.model(ids).logits)
     info = json.loads((Path(first.path) / "prep.json").read_text())

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, compose_config
-from tests.qwen3_hub import STUDENT, TEACHER, build_qwen3_pair
+from tests.qwen3_hub import STUDENT, TEACHER
 
 FIXTURES = ROOT / "tests" / "fixtures"
 N_TRAIN, N_VAL, BATCH = 3, 1, 2  # the Bespoke fixture has 4 usable rows; 1 epoch = ceil(3 / 2) = 2 steps
@@ -35,13 +35,6 @@ def _overrides(out: Path) -> list[str]:
             "train.num_threads=1", "eval=math", "eval.benchmarks=[math500]", "eval.n_problems=2",
             "eval.n_samples=1", "eval.max_new_tokens=4", f"+eval.benchmark_paths={{math500:{math500}}}",
             "logger=disabled", f"output_dir={out}"]
-
-
-@pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("qwen3")
-    build_qwen3_pair(root)
-    return root
 
 
 def _moved_fraction(before: Path, after: Path) -> float:

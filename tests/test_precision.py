@@ -93,15 +93,6 @@ def weights_moved():
     return module
 
 
-@pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory):
-    from tests.qwen3_hub import build_qwen3_pair
-
-    root = tmp_path_factory.mktemp("qwen3")
-    build_qwen3_pair(root)
-    return root
-
-
 @pytest.mark.slow
 def test_fp32_master_weights_take_every_update_at_the_papers_lr(weights_moved, qwen3_dir, monkeypatch):
     """The real Qwen3 tokenizer, weights of scale 0.02, model=qwen3_local loaded by models.load_pair,

@@ -16,16 +16,10 @@ from kd_sweeps.distributed import DistEnv
 from tests.conftest import compose_config
 from tests.test_train import tiny_setup
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
 KD_RATIO = 0.5
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread (two threads on a busy 2-core box wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +154,8 @@ def test_settled_config_resolves_precision_and_derives_steps(monkeypatch, bf16_h
     paper = run.settled_config(compose_config(["train=paper"]), torch.device("cpu"), 8001)
     assert paper.train.max_steps == 4001  # ceil(2 epochs x 8,001 rows / 4)
     assert paper.train.precision == ("bf16" if bf16_here else "fp32")
-    tiny = run.settled_config(compose_config(["train.precision=fp32"]), torch.device("cpu"), 4000)
+    tiny = run.settled_config(compose_config(["train.max_steps=150", "train.precision=fp32"]), torch.device("cpu"),
+                              4000)
     assert (tiny.train.max_steps, tiny.train.precision) == (150, "fp32")  # explicit values stay
 
 

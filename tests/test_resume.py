@@ -16,14 +16,8 @@ from tests.conftest import compose_config
 from tests.test_end_to_end import FAST
 from tests.test_train import tiny_setup
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread (two threads on a busy 2-core box wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +115,29 @@ def test_a_preempted_grid_point_resumes_its_run(tmp_path, monkeypatch):
     for key in ("final_loss", "train_flops", "tokens_trained", "tokens_supervised", "accuracy"):
         assert resumed[key] == reference[key], key
     assert not (tmp_path / "b" / "train_state" / "train_state.pt").exists()
+
+
+def test_an_evaluation_interrupted_in_the_training_job_resumes_without_training_again(tmp_path, monkeypatch):
+    """The trained state is saved after the last step while the evaluation runs in this job: a point
+    stopped during its evaluation is relaunched with no optimizer step left, and its summary equals an
+    uninterrupted run's (the per-problem completions come back from eval/<benchmark>.jsonl)."""
+    overrides = [*FAST, "train.max_steps=4", f"cache_dir={tmp_path / 'cache'}", "logger=disabled"]
+    reference = run.main(compose_config([*overrides, f"output_dir={tmp_path / 'a'}"]))
+    real_evaluate = run.evaluate_model
+
+    def stopped(*args, **kwargs):
+        raise Preempted("time limit during the evaluation")  # as Slurm would stop it
+
+    monkeypatch.setattr(run, "evaluate_model", stopped)
+    with pytest.raises(Preempted):
+        run.main(compose_config([*overrides, f"output_dir={tmp_path / 'b'}"]))
+    assert (tmp_path / "b" / "train_state" / "train_state.pt").exists()  # the trained state survived
+    monkeypatch.setattr(run, "evaluate_model", real_evaluate)
+    steps = []
+    real_step = train._optimizer_step
+    monkeypatch.setattr(train, "_optimizer_step", lambda *a, **k: steps.append(a[9]) or real_step(*a, **k))
+    resumed = run.main(compose_config([*overrides, f"output_dir={tmp_path / 'b'}"]))
+    assert steps == []  # no training step ran again
+    for key in ("final_loss", "train_flops", "tokens_trained", "accuracy", "eval/synthetic/per_problem"):
+        assert resumed[key] == reference[key], key
+    assert not (tmp_path / "b" / "train_state" / "train_state.pt").exists()  # removed once evaluated

@@ -50,6 +50,32 @@ def test_redact_values_patterns_and_secret_keys():
     assert WANDB not in text and "max_new_tokens=48" in text
 
 
+def test_no_secret_in_what_wandb_receives(tmp_path, monkeypatch):
+    """A token-shaped sweep name (the W&B group, notes, id) and a secret's value in logger.tags and
+    in an override (name, tags) reach neither the offline run file that `wandb sync` uploads nor
+    W&B's debug logs; the reader sees them redacted."""
+    from analysis.wandb_offline import read_runs
+    from kd_sweeps.tracking import Tracker
+    from tests.helpers import LoggerCfg as Logger
+
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "plain-env-secret-value")
+    monkeypatch.setattr("sys.argv", ["launch.py", "-m", f"sweep={HF}", "logger.tags=[plain-env-secret-value]"])
+    overrides = ["trunc=0.5", "+data.path=/data/plain-env-secret-value", f"sweep={HF}"]
+    with Tracker(tmp_path, "p0001", HF, {"trunc": 0.5}, Logger(tags=["ok-tag", "plain-env-secret-value",
+                                                                      f"note {NOTE}"]), overrides):
+        pass
+    (run,) = read_runs(tmp_path)
+    assert run.group == REDACTED and run.name == f"trunc=0.5 data.path=/data/{REDACTED}"
+    assert run.tags == ["trunc=0.5", f"data.path=/data/{REDACTED}", "ok-tag", REDACTED, f"note {REDACTED}"]
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".wandb" for path in files) and any(path.name == "debug.log" for path in files)
+    leaks = [f"{path.relative_to(tmp_path)}: {secret}" for path in files
+             for secret in (HF, NOTE, "plain-env-secret-value")
+             if secret.encode() in path.read_bytes() or secret in str(path)]  # the run id names folders
+    assert not leaks, leaks
+    assert run.run_id.startswith("p0001-_redacted__")  # the sweep in the id: redacted, then hashed
+
+
 @pytest.mark.slow
 def test_no_secret_in_any_file_a_sweep_writes(tmp_path, cache_dir, monkeypatch):
     """A real one-point sweep (W&B offline) with HF_TOKEN, WANDB_API_KEY and GITHUB_TOKEN set and a

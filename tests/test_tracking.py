@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+
 import json
-from dataclasses import dataclass, field
 
 import pytest
 
 from analysis.wandb_offline import read_runs
 from kd_sweeps import identity
 from kd_sweeps.tracking import RESULT_FILE, Tracker, write_json_atomic
+from kd_sweeps.wandb_naming import grid_keys, point_labels, point_of_wandb_id, run_name, wandb_run_id
+from tests.helpers import LoggerCfg
 
+LoggerCfg = functools.partial(LoggerCfg, tags=["unit"])  # this module's defaults
 
-@dataclass
-class LoggerCfg:
-    mode: str = "offline"
-    project: str = "kd-sweeps-test"
-    entity: str | None = None
-    tags: list = field(default_factory=lambda: ["unit"])
 
 
 def test_atomic_write_replaces_whole_file_and_stores_nan_as_null(tmp_path):
@@ -39,7 +37,8 @@ def test_ok_run_writes_result_and_offline_wandb(tmp_path):
     assert result["status"] == "ok" and result["summary"]["accuracy"] == 0.25
     assert result["overrides"] == ["trunc=0.5"] and result["finished_at"]
     (run,) = read_runs(tmp_path, read_history=True)
-    assert run.run_id == "run0001" and run.group == "unit" and run.state == "finished"
+    assert run.run_id == "run0001-unit" and run.group == "unit" and run.state == "finished"
+    assert run.name == "trunc=0.5" and run.job_type == "train" and run.tags == ["trunc=0.5", "unit"]
     assert run.config["sections"]["include"] == ["CoT"]
     assert run.summary["accuracy"] == 0.25
     assert [row["train/loss"] for row in run.history] == [1.5, 1.0]
@@ -66,3 +65,53 @@ def test_run_id_ignores_where_and_how_a_point_runs():
     moved = {**base, "logger": {"mode": "disabled"}, "output_dir": "b", "sweep": "y"}
     assert identity.run_id(base) == identity.run_id(moved)
     assert identity.run_id(base) != identity.run_id({**base, "trunc": 0.25})
+
+
+def test_wandb_name_and_tags_come_from_the_points_overrides():
+    overrides = ["experiment=demo_tradeoff", "trunc=0.5", "sections=cot", "+loss=forward_kl", "sweep=s",
+                 "logger.mode=offline", "launcher=local", "hydra.sweep.dir=/x", "+extra.note=hi", "force=true"]
+    labels = point_labels(overrides)
+    assert labels == ["trunc=0.5", "sections=cot", "loss=forward_kl"]
+    assert point_labels(overrides, {"sections", "trunc"}) == ["trunc=0.5", "sections=cot"]  # the grid only
+    assert point_labels(overrides, {"seed"}) == labels  # no grid key among them: every label
+    assert run_name(labels, "abc123def456") == "trunc=0.5 sections=cot loss=forward_kl"
+    assert run_name([], "abc123def456") == "abc123def456"  # the embedded default: no override
+    assert len(run_name(["x=" + "9" * 300], "p")) == 128
+
+
+def test_grid_keys_from_the_sweeps_multirun_yaml(tmp_path):
+    assert grid_keys(tmp_path) is None  # not a multirun
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    params:\n      sections: all,cot\n      +trunc: 0.25,0.5\n"
+        "  overrides:\n    task:\n    - seed=1,2\n    - train.max_steps=3\n    - loss=glob(*kl)\n")
+    assert grid_keys(tmp_path) == {"sections", "trunc", "seed", "loss"}
+
+
+def test_wandb_id_holds_the_sweep_and_gives_the_point_back():
+    assert wandb_run_id("abc123def456", "demo_tradeoff") == "abc123def456-demo_tradeoff"
+    assert wandb_run_id("abc123def456", "a") != wandb_run_id("abc123def456", "b")
+    odd = [wandb_run_id("abc123def456", name) for name in ("a b", "a:b", "x" * 40, "y" * 40 + "z")]
+    assert len(set(odd)) == 4 and all(len(i) <= 12 + 1 + 32 + 9 for i in odd)
+    assert not any(c in i for i in odd for c in ":;,#?/' ")  # characters W&B refuses in an id
+    assert {point_of_wandb_id(i) for i in odd} == {"abc123def456"} and point_of_wandb_id("old001") == "old001"
+
+
+@pytest.mark.slow
+def test_same_point_two_sweeps_two_runs_and_eval_job_resumes_its_run(tmp_path):
+    """The same point in two sweeps is two W&B runs; the evaluation job of one reopens the same run
+    (same id, job type eval) and the reader folds both attempts into one."""
+    cfg = {"trunc": 0.5}
+    for sweep in ("first", "second"):
+        with Tracker(tmp_path / sweep, "p0001", sweep, cfg, LoggerCfg(), ["trunc=0.5", "seed=1"]) as tracker:
+            tracker.set_summary({"accuracy": 0.1})
+    record = json.loads((tmp_path / "first" / RESULT_FILE).read_text())
+    assert record["wandb"]["name"] == "trunc=0.5 seed=1" and record["wandb"]["id"] == "p0001-first"
+    # A later launch rewrote the sweep's multirun.yaml: the evaluation job keeps the run's name.
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  sweeper:\n    params:\n      trunc: 0.5,1.0\n")
+    with Tracker.reopen(tmp_path / "first", record, LoggerCfg()) as tracker:
+        tracker.set_summary({"accuracy": 0.5})
+    runs = {run.run_id: run for run in read_runs(tmp_path)}
+    assert sorted(runs) == ["p0001-first", "p0001-second"]
+    assert runs["p0001-first"].job_type == "eval" and runs["p0001-first"].summary["accuracy"] == 0.5
+    assert runs["p0001-first"].name == "trunc=0.5 seed=1"
+    assert runs["p0001-second"].job_type == "train" and runs["p0001-second"].summary["accuracy"] == 0.1
