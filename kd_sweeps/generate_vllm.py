@@ -37,9 +37,13 @@ def _free_gpu() -> None:
 
 
 def _engine(checkpoint: str, seed: int):
+    import torch
     from vllm import LLM
 
-    return LLM(model=checkpoint, tokenizer=checkpoint, dtype="auto", seed=seed)  # dtype: as saved
+    # A trained student is saved in fp32 (its master weights); generation computes in bf16 where the
+    # GPU has it, as the paper's evaluation did (vLLM's "auto" would follow the saved fp32).
+    dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "auto"
+    return LLM(model=checkpoint, tokenizer=checkpoint, dtype=dtype, seed=seed)
 
 
 def sampling_params(request: Request, sampling: Sampling, stop_ids: Sequence[int]):
