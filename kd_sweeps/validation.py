@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_sweeps.benchmarks import BENCHMARKS as HUB_BENCHMARKS
 from kd_sweeps.sources import DATASETS
 from kd_sweeps.losses import LOSS_NAMES
+from kd_sweeps.redact import redact_text
 from kd_sweeps.sections import SECTION_PRESETS, SECTIONS, TRUNCATION_MODES
 
 MODEL_SOURCES = ("embedded", "pretrained")
@@ -250,6 +251,9 @@ def sweep_name_problem(name: Any) -> str | None:
         why = "holds '..' or starts with '.'"
     elif not name.isprintable():
         why = "holds a non-printable character"
+    elif redact_text(name) != name:  # it would become a folder name, a W&B group and a table title
+        return ("sweep=<redacted>: looks like a secret (a token, or the value of a secret environment "
+                "variable); a sweep is named by letters, digits and - _ + = , . e.g. sweep=trunc_study")
     else:
         return None
     shown = name if len(name) <= 40 else name[:40] + "…"

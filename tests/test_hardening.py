@@ -84,6 +84,16 @@ def test_a_sweep_name_that_is_not_a_name_is_refused(name, why):
     assert sweep_name_problem("trunc_study-2,a=1.0") is None
 
 
+def test_a_secret_shaped_sweep_name_is_refused_without_being_shown(monkeypatch):
+    """A token pasted as a sweep name would become a folder, a W&B group and a table title."""
+    token = "hf_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6"  # the shape of a Hugging Face token
+    problem = sweep_name_problem(token)
+    assert problem and "looks like a secret" in problem and token not in problem
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "plain-env-secret-value")
+    problem = sweep_name_problem("plain-env-secret-value")
+    assert problem and "plain-env-secret-value" not in problem
+
+
 class _Jobs:
     """Stands in for Hydra's BasicLauncher: job 1 is set up wrong, job 2 gets Ctrl-C."""
 
