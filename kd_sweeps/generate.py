@@ -144,10 +144,15 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generators: Sequence) 
 
 def _cache_argument(model) -> str:
     """The forward keyword of the key/value cache: ``cache`` in recent transformers 5 releases,
-    ``past_key_values`` before (5.0 names it so)."""
+    ``past_key_values`` before (5.0 names it so). Read once per model class, not per decode step."""
+    return _cache_keyword(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class) -> str:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _forward(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
