@@ -18,6 +18,15 @@ from pathlib import Path
 from typing import Optional
 
 CLAIM_FILE = ".claim"
+# The evaluation job (eval.separate_job) writes the record while the point's claim holder only waits
+# for it (or has ended): it is that holder's delegate, and its own claim keeps a second evaluation
+# job of the same point (a resubmission racing a requeued job) from writing beside it.
+EVAL_CLAIM_FILE = ".claim-eval"
+
+
+class PointClaimed(RuntimeError):
+    """Raised on every rank of a multi-process point whose rank 0 found the point claimed by another
+    launch: the ranks learn it together, right after joining the process group, and write nothing."""
 
 
 def job_id() -> Optional[str]:
@@ -41,10 +50,10 @@ class PointClaim:
     """``with PointClaim(folder) as claim:`` — ``claim.owned`` says whether this process holds the
     point; if not, ``claim.holder`` names who does (as far as its file says)."""
 
-    def __init__(self, point_dir: Path):
+    def __init__(self, point_dir: Path, name: str = CLAIM_FILE):
         from filelock import FileLock
 
-        self.path = Path(point_dir) / CLAIM_FILE
+        self.path = Path(point_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.path), timeout=0)  # never waits: a held point is skipped
         self.owned = False
@@ -56,7 +65,7 @@ class PointClaim:
         try:
             self._lock.acquire()
         except Timeout:
-            self.holder = read_holder(self.path.parent)
+            self.holder = read_holder(self.path.parent, self.path.name)
             return self
         self.owned = True
         self.holder = holder()
@@ -77,10 +86,10 @@ class PointClaim:
                 f"since {h.get('since', '?')}")
 
 
-def read_holder(point_dir: Path) -> dict:
-    """What the claim file of ``point_dir`` says about its holder ({} when unreadable)."""
+def read_holder(point_dir: Path, name: str = CLAIM_FILE) -> dict:
+    """What the claim file ``name`` of ``point_dir`` says about its holder ({} when unreadable)."""
     try:
-        value = json.loads((Path(point_dir) / CLAIM_FILE).read_text())
+        value = json.loads((Path(point_dir) / name).read_text())
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}

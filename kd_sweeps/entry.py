@@ -35,28 +35,31 @@ def run_point(cfg: DictConfig) -> dict:
     from hydra.types import RunMode
 
     from kd_sweeps import distributed
-    from kd_sweeps.claim import PointClaim
+    from kd_sweeps.claim import PointClaim, PointClaimed
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    # Rank 0 claims for the whole multi-process point (the other ranks record nothing anyway).
+    # Rank 0 claims for the whole multi-process point and tells the other ranks once they have joined
+    # the process group (run.main): they must neither train alone nor wait for a rank 0 that left.
     claim = PointClaim(output_dir) if distributed.process_rank() == 0 else None
     if claim is not None:
         claim.__enter__()
-        if not claim.owned:
-            message = f"grid point {output_dir} is claimed by another launch ({claim.describe()})"
-            if hydra_cfg.mode != RunMode.MULTIRUN:  # the one point asked for is not run: say so
-                raise SystemExit(f"{message}; not run here, its record left alone")
-            log.warning("%s: skipped, its record left alone", message)
-            return outcome("claimed", output_dir, error=f"claimed by {claim.describe()}")
     try:
-        return _run_claimed(cfg, hydra_cfg, output_dir)
+        if claim is not None and not claim.owned and distributed.launch_env() is None:
+            raise PointClaimed(f"grid point {output_dir} is claimed by another launch")
+        return _run_claimed(cfg, hydra_cfg, output_dir, claimed=claim is None or claim.owned)
+    except PointClaimed as taken:
+        who = claim.describe() if claim is not None else "the launch rank 0 named"
+        if hydra_cfg.mode != RunMode.MULTIRUN:  # the one point asked for is not run: say so
+            raise SystemExit(f"{taken} ({who}); not run here, its record left alone") from None
+        log.warning("%s (%s): skipped, its record left alone", taken, who)
+        return outcome("claimed", output_dir, error=f"claimed by {who}")
     finally:
         if claim is not None:
             claim.__exit__()
 
 
-def _run_claimed(cfg: DictConfig, hydra_cfg, output_dir: Path) -> dict:
+def _run_claimed(cfg: DictConfig, hydra_cfg, output_dir: Path, claimed: bool) -> dict:
     from hydra.types import RunMode
 
     overrides = list(hydra_cfg.overrides.task)
@@ -68,14 +71,17 @@ def _run_claimed(cfg: DictConfig, hydra_cfg, output_dir: Path) -> dict:
     from kd_sweeps import distributed, run
 
     from kd_sweeps.checkpoint import Preempted
+    from kd_sweeps.claim import PointClaimed
 
     before = read_result(output_dir)
     try:
-        summary = run.main(cfg, overrides)
+        summary = run.main(cfg, overrides, claimed)
     except Preempted as stop:  # recorded as preempted; now submitit requeues the job, or we stop
         stop.hand_over()  # never returns: exits (submitit) or re-raises
+    except PointClaimed:
+        raise
     except Exception as err:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        if hydra_cfg.mode != RunMode.MULTIRUN or not claimed:
             raise
         log.exception("grid point %s failed", redact_text(" ".join(overrides)))
         error = f"{type(err).__name__}: {err}"

@@ -142,10 +142,20 @@ def evaluate_point(output_dir: str) -> dict:
     """The evaluation job: evaluate ``output_dir/checkpoint`` and complete the point's record.
     Stopped by a preemption signal or its time limit, it leaves the record "evaluating" (the
     finished completions are on disk in ``eval/``) and hands the signal on: submitit requeues it."""
+    from kd_sweeps.claim import EVAL_CLAIM_FILE, PointClaim
+
+    folder = Path(output_dir)
+    with PointClaim(folder, EVAL_CLAIM_FILE) as claim:
+        if not claim.owned:
+            raise RuntimeError(f"{folder}: its evaluation is already running ({claim.describe()}); "
+                               f"this job leaves the record to it")
+        return _evaluate_claimed(folder)
+
+
+def _evaluate_claimed(folder: Path) -> dict:
     from kd_sweeps import run
     from kd_sweeps.checkpoint import Preempted
 
-    folder = Path(output_dir)
     record = read_result(folder)
     status = None if record is None else record.get("status")
     # "running": an earlier run of this job died without closing the record (a requeue after a kill)

@@ -377,5 +377,42 @@ def prepared_splits(name_or_path: str, *, source: str = "hub", n_train: Optional
                               f"{n_train if n_train is not None else 'at least 1'} (data.n_val + data.n_train). "
                               + report.summary())
         train, val = split_rows(kept, n_train, n_val, seed)
+    val = _without_duplicates(train, val, report)
     report.n_train, report.n_val = len(train), len(val)
     return train, val, report
+
+
+def _record_keys(table, batch: int = 4096):
+    """A key per row from its problem and reasoning (what a duplicate repeats), read a batch of rows
+    at a time: the text of a large source is never all in memory. Python's string hash is salted per
+    process, so the keys are compared within this call only."""
+    if isinstance(table, list):
+        yield from (hash((r["problem"], r["reasoning"])) for r in table)
+        return
+    for start in range(0, len(table), batch):
+        rows = table.select_columns(["problem", "reasoning"])[start:start + batch]
+        yield from map(hash, zip(rows["problem"], rows["reasoning"]))
+
+
+def _without_duplicates(train, val, report: SourceReport):
+    """Count the usable rows that repeat an earlier one (a dataset's duplicates train as the source
+    has them: the paper's runs saw them too), and take out of ``val`` the rows equal to a training
+    row, so that the validation loss is not measured on what the student trained on."""
+    seen, in_train = set(), set()
+    for key in _record_keys(train):
+        report.duplicates += key in seen
+        seen.add(key)
+        in_train.add(key)
+    overlap = []
+    for index, key in enumerate(_record_keys(val)):
+        report.duplicates += key in seen
+        seen.add(key)
+        if key in in_train:
+            overlap.append(index)
+    report.val_overlap = len(overlap)
+    if not overlap:
+        return val
+    log.warning("%d validation row(s) repeat a training row: removed from the validation split", len(overlap))
+    gone = set(overlap)
+    keep = [i for i in range(len(val)) if i not in gone]
+    return [val[i] for i in keep] if isinstance(val, list) else val.select(keep, keep_in_memory=True)

@@ -56,13 +56,19 @@ def settled_config(cfg: DictConfig, device, n_examples: int) -> DictConfig:
     return settled
 
 
-def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+def main(cfg: DictConfig, overrides: list[str] | None = None, claimed: bool = True) -> dict:
+    """Run one grid point. ``claimed``: whether this process holds the point's claim (rank 0 takes it
+    for the whole point, kd_sweeps/claim.py; other ranks' value is ignored)."""
     validate(cfg)  # before anything heavy: a bad point fails in a second with every problem listed
     resolved = OmegaConf.to_container(cfg, resolve=True)
     point_id = identity.run_id(resolved)
     output_dir = Path(cfg.output_dir)
     env = distributed.init_distributed(cfg.train.device)  # one process, or one rank of torchrun / submitit tasks
     try:
+        if not distributed.all_gather(claimed, env)[0]:  # rank 0's claim decides for every rank
+            from kd_sweeps.claim import PointClaimed
+
+            raise PointClaimed(f"grid point {output_dir} is claimed by another launch")
         distributed.micro_batch_size(cfg.train.batch_size, cfg.train.micro_batch_size, env)  # fails before any load
         done = read_result(output_dir)
         distributed.barrier(env)  # every rank has read the record before rank 0 rewrites it

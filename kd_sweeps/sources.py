@@ -86,6 +86,8 @@ class SourceReport:
     too_long: int | None = None  # rows over max_tokens tokens (None: not tokenized, not checked)
     max_tokens: int | None = None
     kept: int = 0  # length: usable rows the split is drawn from; paper: usable rows of the split
+    duplicates: int = 0  # usable rows equal (problem and reasoning) to an earlier usable row: kept, counted
+    val_overlap: int = 0  # validation rows equal to a training row: taken out of the validation split
     n_train: int = 0
     n_val: int = 0
     prepared_here: bool = False  # this process formatted/tokenized (False: read from the cache)
@@ -101,7 +103,8 @@ class SourceReport:
         return {"rows": self.choice, "read": self.rows, "filtered_out": self.filtered_out, "selected": self.selected,
                 "dropped_markers": self.missing_markers, "dropped_by_reason": dict(self.dropped),
                 "think_restored": self.think_restored, "too_long": self.too_long, "max_tokens": self.max_tokens,
-                "kept": self.kept, "train": self.n_train, "val": self.n_val}
+                "kept": self.kept, "duplicates": self.duplicates, "val_overlap_removed": self.val_overlap,
+                "train": self.n_train, "val": self.n_val}
 
     def summary(self) -> str:
         reasons = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
@@ -110,7 +113,8 @@ class SourceReport:
         long = "" if self.too_long is None else f", {self.too_long} longer than max_tokens={self.max_tokens}"
         return (f"{self.source} [{self.schema}, rows={self.choice}]: {self.rows} rows, {self.filtered_out} filtered "
                 f"out{selected}, {self.missing_markers} dropped ({reasons}){long}, {self.think_restored} with "
-                f"<think> restored, {self.kept} kept -> {self.n_train} train / {self.n_val} val{first}")
+                f"<think> restored, {self.kept} kept ({self.duplicates} duplicated) -> {self.n_train} train / "
+                f"{self.n_val} val ({self.val_overlap} removed from val: also in train){first}")
 
 
 def _problem_hint(text) -> str:

@@ -7,6 +7,7 @@ with its ``afterok`` dependency is in tests/test_slurm_jobs.py.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -82,6 +83,17 @@ def test_evaluate_point_refuses_a_point_that_is_not_waiting_for_evaluation(tmp_p
     write_json_atomic(tmp_path / "result.json", {"status": "ok", "config": {}})
     with pytest.raises(RuntimeError, match="status 'evaluating'.*found 'ok'"):
         eval_job.evaluate_point(str(tmp_path))
+
+
+def test_a_second_evaluation_job_of_a_point_leaves_the_record_to_the_first(tmp_path):
+    from kd_sweeps.claim import EVAL_CLAIM_FILE, PointClaim
+
+    write_json_atomic(tmp_path / "result.json", {"status": "evaluating", "config": {}})
+    before = (tmp_path / "result.json").read_bytes()
+    with PointClaim(tmp_path, EVAL_CLAIM_FILE):  # the first evaluation job runs
+        with pytest.raises(RuntimeError, match=f"evaluation is already running .*pid {os.getpid()}"):
+            eval_job.evaluate_point(str(tmp_path))
+    assert (tmp_path / "result.json").read_bytes() == before
 
 
 def test_evaluation_job_resources_are_validated(compose):

@@ -152,8 +152,12 @@ def test_a_point_failing_again_counts_failed_and_a_claimed_point_is_left_alone(t
     assert second.returncode != 0, second.stdout[-2000:]
     assert "1 grid point(s): 0 ran, 0 skipped (already done), 1 failed" in second.stdout
     before = (point / RESULT_FILE).read_bytes()
+    saved = {name: (point / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml")}
     with PointClaim(point):
         third = _launch(args, tmp_path)
+    # Hydra writes the point's .hydra/ before any code of ours runs; a point's folder is named by its
+    # config, so what it writes there is what was there (hydra.yaml differs only in the job number).
+    assert {name: (point / ".hydra" / name).read_bytes() for name in saved} == saved
     assert third.returncode == 0, third.stderr[-2000:]
     assert "1 failed" not in third.stdout and ", 1 claimed" in third.stdout
     assert f"pid {os.getpid()}" in third.stdout  # the holder is named
@@ -284,3 +288,25 @@ def test_a_sweep_dir_below_a_file_fails_before_the_first_point(tmp_path):
     assert f"hydra.sweep.dir='{tmp_path / 'plain' / 'sweep'}': {tmp_path / 'plain'} is a file, not a folder" \
         in proc.stderr
     assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_claimed_multi_process_point_stops_without_writing(tmp_path):
+    """``torchrun --nproc_per_node 2 launch.py`` on a point another launch holds: rank 0 finds the
+    claim and tells rank 1 once both have joined the process group, so neither trains nor waits for
+    the other; nothing of the point is written."""
+    from tests.test_distributed import E2E, _free_port
+
+    point = tmp_path / "point"
+    env = {**os.environ, "KD_SWEEPS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+    with PointClaim(point):
+        proc = subprocess.run([*torchrun, str(ROOT / "launch.py"), *E2E, "logger=disabled",
+                               f"hydra.run.dir={point}"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("is claimed by another launch") == 2, proc.stderr[-3000:]  # rank 0 and rank 1
+    assert f"pid {os.getpid()}" in proc.stderr  # rank 0 names the holder
+    assert not (point / RESULT_FILE).exists() and not (point / "train_state").exists()
+    assert not (tmp_path / "cache").exists()  # no rank got as far as preparing a model

@@ -238,3 +238,24 @@ def test_a_large_source_is_filtered_and_formatted_by_worker_processes(tmp_path):
     assert [p.name for p in sorted((tmp_path / "cache2").rglob("formatted*.arrow"))] == \
         ["formatted_00000_of_00002.arrow", "formatted_00001_of_00002.arrow"]  # two workers wrote them
     assert report1.as_dict() == report2.as_dict()
+
+
+def test_duplicated_records_are_counted_and_kept_out_of_validation(tmp_path):
+    """Rows 0-9 distinct, then rows 0-4 again: 5 duplicates, counted; the training split keeps them
+    (as the source has them), and no validation row equals a training row."""
+    rows = [conversation(i) for i in range(10)] + [conversation(i) for i in range(5)]
+    path = tmp_path / "dup.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, val, report = prepare.prepared_splits(str(path), source="json", schema="conversations",
+                                                 n_train=None, n_val=6, seed=0)
+    assert report.duplicates == 5
+    train_problems = set(train["problem"])
+    assert not set(val["problem"]) & train_problems
+    assert report.val_overlap == 6 - len(val) and report.val_overlap > 0  # seed 0 puts some repeats in val
+    assert report.as_dict()["val_overlap_removed"] == report.val_overlap
+    assert "5 duplicated" in report.summary() and "removed from val" in report.summary()
+    distinct = tmp_path / "distinct.jsonl"
+    distinct.write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(10)))
+    _, val, report = prepare.prepared_splits(str(distinct), source="json", schema="conversations",
+                                             n_train=None, n_val=3, seed=0)
+    assert report.duplicates == 0 and report.val_overlap == 0 and len(val) == 3
