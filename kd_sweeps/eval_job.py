@@ -169,7 +169,8 @@ def _evaluate_claimed(folder: Path) -> dict:
     with Tracker.reopen(folder, record, cfg.logger) as tracker:
         tracker.status_on_success = "evaluating"  # until the summary is in
         try:
-            summary = run.evaluate_checkpoint(cfg, folder / "checkpoint")
+            summary = run.evaluate_checkpoint(cfg, folder / "checkpoint",
+                                              run.reference_paths(record.get("summary") or {}))
         except Preempted as stop:
             stopped = stop
         else:

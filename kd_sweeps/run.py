@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps import data, distributed, evaluate, identity, models, selection, teacher_cache, train
+from kd_sweeps import baselines, data, distributed, evaluate, identity, models, selection, teacher_cache, train
 from kd_sweeps.cost import CostMeter, ModelShape
 from kd_sweeps.memory import PeakMemory
 from kd_sweeps.tracking import RESULT_FILE, Tracker, mark_skipped, read_result
@@ -282,7 +282,9 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
                "final_kd_loss": last.get("kd_loss"), "examples_trained_on": len(examples),
                "examples_skipped": skipped, "examples_too_long": stats.too_long,
                "examples_missing_markers": stats.missing_markers, "data_rows": data_rows,
+               # the embedded models' accuracies from their preparation; eval.baselines replaces them below
                "teacher_accuracy": teacher.info.get("accuracy"), "base_accuracy": student.info.get("accuracy"),
+               "teacher_path": teacher.path, "student_init_path": student.path,
                **cache_summary, **(selector.summary() if selector else {}),
                "checkpoint_step": selector.best_step if selector else cfg.train.max_steps, "eval_engine": engine,
                "precision": cfg.train.precision, "train_steps": cfg.train.max_steps,
@@ -290,6 +292,9 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
     if not cfg.eval.separate_job:
         summary.update(evaluate_model(cfg, final, tokenizer, eval_sets, device, output_dir / "checkpoint"))
+        final = None  # the references' models take its place
+        summary.update(baselines.reference_summary(cfg, reference_paths(summary), tokenizer, device, eval_sets,
+                                                       evaluate_model))
     resume.state.remove()  # the run is complete: a rerun is skipped, not resumed
     log.info("run %s: accuracy %.3f ± %.3f, %.3g training FLOPs, %.1f s", tracker.run_id,
              summary.get("accuracy", float("nan")), summary.get("accuracy_stderr", float("nan")),
@@ -303,17 +308,19 @@ def load_eval_sets(cfg: DictConfig) -> dict[str, list[dict]]:
             else evaluate.benchmark_records(bench, cfg.eval) for bench in cfg.eval.benchmarks}
 
 
-def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device, checkpoint: Path) -> dict:
+def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device, checkpoint: Path,
+                   results_dir: Path | None = None) -> dict:
     """Accuracy ± stderr per benchmark, per-problem scores, generated tokens and how many completions
     stopped at the end of their turn; and their means over benchmarks. ``model`` None: the vLLM
     engine generates from ``checkpoint`` (the same weights, saved). Every completion is appended to
-    ``<point>/eval/<benchmark>.jsonl`` as it ends: a relaunched evaluation resumes from there."""
+    ``<point>/eval/<benchmark>.jsonl`` (``results_dir``/<benchmark>.jsonl) as it ends: a relaunched
+    evaluation resumes from there."""
     summary: dict = {}
     results: dict[str, evaluate.EvalResult] = {}
     for bench in cfg.eval.benchmarks:
         result = results[bench] = evaluate.evaluate(
             model, tokenizer, eval_sets[bench], cfg.eval, device, checkpoint=checkpoint, seed=cfg.seed,
-            results_file=Path(checkpoint).parent / "eval" / f"{bench}.jsonl")
+            results_file=(results_dir or Path(checkpoint).parent / "eval") / f"{bench}.jsonl")
         summary.update({f"eval/{bench}/accuracy": result.accuracy, f"eval/{bench}/stderr": result.stderr,
                         f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens,
                         f"eval/{bench}/per_problem": result.per_problem,
@@ -328,8 +335,14 @@ def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device, c
     return summary
 
 
-def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
-    """``evaluate_model`` on a saved checkpoint (the evaluation job of ``eval.separate_job``)."""
+def reference_paths(summary: dict) -> dict[str, str]:
+    """Role -> where the untrained model is (its folder or hub id), as the training recorded it."""
+    return {"student": summary.get("student_init_path"), "teacher": summary.get("teacher_path")}
+
+
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, paths: dict[str, str] | None = None) -> dict:
+    """``evaluate_model`` on a saved checkpoint (the evaluation job of ``eval.separate_job``), then the
+    references of ``eval.baselines`` (``paths``: ``reference_paths`` of the training's summary)."""
     from transformers import AutoTokenizer
 
     if cfg.train.num_threads:
@@ -338,4 +351,9 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=cfg.model.trust_remote_code)
     engine = evaluate.resolve_engine(cfg.eval.engine, device)
     model = None if engine == "vllm" else selection.load_checkpoint(checkpoint, device, cfg.model.attn_implementation)
-    return {**evaluate_model(cfg, model, tokenizer, load_eval_sets(cfg), device, checkpoint), "eval_engine": engine}
+    eval_sets = load_eval_sets(cfg)
+    summary = {**evaluate_model(cfg, model, tokenizer, eval_sets, device, checkpoint), "eval_engine": engine}
+    model = None
+    if paths and all(paths.get(role) for role in cfg.eval.baselines):
+        summary.update(baselines.reference_summary(cfg, paths, tokenizer, device, eval_sets, evaluate_model))
+    return summary

@@ -59,6 +59,9 @@ class DataConfig:
     # paper = the authors' published row lists (Bespoke-Stratos-17k, OpenThoughts-114k, Sky-T1 only)
     rows: str = "length"
     num_proc: int = 0  # worker processes that format/tokenize a real dataset (0: one per CPU, from 50k rows)
+    # Plan only (python -m kd_sweeps.plan; the run ignores it): typical [P, CoT, A] tokens per sequence,
+    # assumed where the data cannot be read and no measured lengths are cached; None: no assumption
+    assumed_lengths: Optional[list[int]] = None
 
 
 @dataclass
@@ -163,6 +166,9 @@ class EvalConfig:
     top_k: int = 0  # the k most likely tokens only; 0 = off
     prompt_style: str = "boxed"  # instruction appended to benchmark problems (kd_sweeps.benchmarks)
     benchmark_paths: dict[str, str] = field(default_factory=dict)  # local copies: {name: file}
+    # References evaluated as the points are, once per model and evaluation and cached (kd_sweeps/
+    # baselines.py): the student before KD (step 0) and the teacher; [] measures none.
+    baselines: list[str] = field(default_factory=lambda: ["student", "teacher"])
 
 
 @dataclass

@@ -190,6 +190,8 @@ def _check_train_eval(cfg: DictConfig, issues: list[str]) -> None:
     if ev.engine == "vllm" and not vllm_installed():
         issues.append("eval.engine='vllm': vllm is not installed; install the optional extra "
                       "(pip install '.[vllm]', on a CUDA machine) or use eval.engine=transformers or auto")
+    for role in ev.baselines:
+        _choice(issues, "eval.baselines[]", role, ("student", "teacher"))
     if not list(ev.benchmarks):
         issues.append("eval.benchmarks=[]: list at least one benchmark")
     for bench in ev.benchmarks:

@@ -34,9 +34,10 @@ def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cach
     assert other["status"] == "ok" and other["error"] is None
     job = other["summary"]["eval_job"]
     assert job["cluster"] == "local" and (apart / other["run_id"] / "eval_job").is_dir()
-    for key in EVAL_KEYS:
+    for key in (*EVAL_KEYS, "base_accuracy", "teacher_accuracy"):  # the references too, read from the cache
         assert other["summary"][key] == one["summary"][key], key
     summary = other["summary"]
+    assert summary["base/synthetic/accuracy"] == summary["base_accuracy"]
     assert 0 <= summary["finished_rate"] <= 1 and summary["finished_rate"] == summary["eval/synthetic/finished_rate"]
     assert summary["eval/synthetic/gen_tokens_max"] <= 48  # FAST: eval.max_new_tokens=48
     assert summary["eval/synthetic/generated_tokens"] == summary["eval/synthetic/gen_tokens_mean"] * 8
@@ -129,7 +130,7 @@ def test_a_preempted_evaluation_job_stays_evaluating_and_is_handed_to_submitit(t
     from kd_sweeps.checkpoint import Preempted
 
     handled = []
-    def preempted(cfg, checkpoint):
+    def preempted(cfg, checkpoint, paths=None):
         raise Preempted("evaluation stopped by a preemption signal", handler=lambda *args: handled.append(args))
 
     monkeypatch.setattr(run, "evaluate_checkpoint", preempted)

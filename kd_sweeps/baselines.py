@@ -1,0 +1,96 @@
+"""Reference accuracies: the student before KD ("step 0") and the teacher, evaluated exactly as the
+grid points are (same benchmarks, problems, prompt, sampling and engine), for any model source.
+
+A grid point's distance from these two is what a researcher reads first: a point below the student
+it started from has been hurt by KD, and "% of teacher" is only meaningful against the teacher
+evaluated the same way. Each reference is measured once per (model, evaluation settings) and cached
+in ``<cache_dir>/baselines/`` (its completions in ``eval/``, its summary in ``summary.json``): the
+first point of a sweep to reach it measures it, later points and later sweeps read it. A point that
+finds another process measuring it does not wait (at paper scale the teacher's evaluation takes
+hours): its record goes without that reference, and the analysis takes it from the runs that have it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from kd_sweeps.tracking import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+ROLES = ("student", "teacher")  # the choices of eval.baselines
+PREFIX = {"student": "base", "teacher": "teacher"}  # summary keys: base_accuracy, teacher_accuracy
+# Evaluation keys that cannot change a completion: where and how the evaluation job runs.
+NOT_IN_KEY = ("separate_job", "job", "baselines")
+
+
+def baseline_folder(cfg: DictConfig, role: str, model_path: str) -> Path:
+    """Where the reference of ``role`` (the model at ``model_path``) under this evaluation is cached."""
+    evaluation = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in NOT_IN_KEY}
+    fields = {"role": role, "model": str(model_path), "eval": evaluation,
+              # sampled completions depend on the seed; greedy ones do not
+              "seed": cfg.seed if cfg.eval.temperature > 0 else None,
+              # the embedded benchmark is the data's held-out split
+              "data": OmegaConf.to_container(cfg.data, resolve=True) if "synthetic" in cfg.eval.benchmarks else None}
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cfg.cache_dir).expanduser() / "baselines" / f"{role}-{key}"
+
+
+def measure(cfg: DictConfig, role: str, model_path: str, tokenizer, device, eval_sets: dict,
+            evaluate_model: Callable[..., dict]) -> dict | None:
+    """The evaluation summary of the untrained ``role`` model (``evaluate_model``'s keys: the function
+    that evaluates the grid points), from the cache or measured now; None when another process is
+    measuring it at this moment."""
+    from filelock import FileLock, Timeout
+
+    from kd_sweeps import evaluate, selection
+
+    folder = baseline_folder(cfg, role, model_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "summary.json"
+    try:
+        with FileLock(str(folder) + ".lock", timeout=0):
+            if done.exists():
+                try:
+                    return json.loads(done.read_text())
+                except ValueError:  # a damaged file: measured again (its completions resume from eval/)
+                    log.warning("reference %s is damaged; evaluating %s again", done, role)
+            started = time.perf_counter()
+            engine = evaluate.resolve_engine(cfg.eval.engine, device)
+            model = None if engine == "vllm" else selection.load_checkpoint(Path(model_path), device,
+                                                                            cfg.model.attn_implementation)
+            summary = evaluate_model(cfg, model, tokenizer, eval_sets, device, Path(model_path), folder / "eval")
+            summary.update(model=str(model_path), seconds=time.perf_counter() - started, eval_engine=engine)
+            write_json_atomic(done, summary)
+            log.info("reference %s (%s): accuracy %.3f, measured in %.0f s", role, model_path,
+                     summary["accuracy"], summary["seconds"])
+            return summary
+    except Timeout:
+        log.info("reference %s is being measured by another process; this point records none", role)
+        return None
+
+
+def reference_summary(cfg: DictConfig, paths: dict[str, str], tokenizer, device, eval_sets: dict,
+                      evaluate_model: Callable[..., dict]) -> dict:
+    """``base_accuracy`` / ``teacher_accuracy`` (+ ``_stderr``, per benchmark, and the seconds the one
+    measurement took) for the roles in ``eval.baselines``; ``paths``: role -> folder or hub id."""
+    summary: dict = {}
+    for role in cfg.eval.baselines:
+        found = measure(cfg, role, paths[role], tokenizer, device, eval_sets, evaluate_model)
+        if found is None:
+            continue
+        prefix = PREFIX[role]
+        summary[f"{prefix}_accuracy"] = found["accuracy"]
+        summary[f"{prefix}_accuracy_stderr"] = found["accuracy_stderr"]
+        for bench in cfg.eval.benchmarks:
+            summary[f"{prefix}/{bench}/accuracy"] = found[f"eval/{bench}/accuracy"]
+            summary[f"{prefix}/{bench}/stderr"] = found[f"eval/{bench}/stderr"]
+        summary[f"{prefix}_eval_seconds"] = found["seconds"]
+    return summary

@@ -1,0 +1,65 @@
+"""References (eval.baselines): the untrained student and the teacher, evaluated as the grid points
+are, once per model and evaluation, cached and read by the next point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kd_sweeps import baselines, run
+from tests.conftest import compose_config
+from tests.test_end_to_end import FAST
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cfg(tmp_path, *extra):
+    cfg = compose_config([*FAST, "logger=disabled", "train.max_steps=1", f"cache_dir={tmp_path / 'cache'}", *extra])
+    cfg.output_dir = str(tmp_path / "point")
+    return cfg
+
+
+def test_references_are_measured_once_as_the_points_are_and_read_back(tmp_path):
+    summary = run.main(_cfg(tmp_path))
+    folders = {role: baselines.baseline_folder(_cfg(tmp_path), role, summary[path])
+               for role, path in (("student", "student_init_path"), ("teacher", "teacher_path"))}
+    for role, prefix in (("student", "base"), ("teacher", "teacher")):
+        stored = json.loads((folders[role] / "summary.json").read_text())
+        assert summary[f"{prefix}_accuracy"] == stored["accuracy"]
+        assert summary[f"{prefix}/synthetic/accuracy"] == stored["eval/synthetic/accuracy"]
+        # the same problems as the point: one completion per problem, in the reference's own folder
+        completions = (folders[role] / "eval" / "synthetic.jsonl").read_text().splitlines()
+        assert len(completions) == summary["eval/synthetic/n"] == 8
+    before = {role: (f / "summary.json").stat().st_mtime_ns for role, f in folders.items()}
+    again = run.main(_cfg(tmp_path, "trunc=0.5"))  # another point: the references are read, not measured
+    assert {role: (f / "summary.json").stat().st_mtime_ns for role, f in folders.items()} == before
+    assert again["base_accuracy"] == summary["base_accuracy"]
+    assert again["teacher_accuracy"] == summary["teacher_accuracy"]
+    other = baselines.baseline_folder(_cfg(tmp_path, "eval.max_new_tokens=40"), "teacher", summary["teacher_path"])
+    assert other != folders["teacher"]  # another evaluation: another reference
+    assert baselines.baseline_folder(_cfg(tmp_path, "eval.separate_job=true"), "teacher",
+                                     summary["teacher_path"]) == folders["teacher"]
+
+
+def test_a_reference_being_measured_elsewhere_is_not_waited_for(tmp_path):
+    from filelock import FileLock
+
+    cfg = _cfg(tmp_path, "eval.baselines=[teacher]")
+    stand_in = str(tmp_path / "some-teacher")
+    with FileLock(str(baselines.baseline_folder(cfg, "teacher", stand_in)) + ".lock"):
+        found = baselines.reference_summary(cfg, {"teacher": stand_in}, None, "cpu", {}, evaluate_model=None)
+    assert found == {}
+
+
+def test_without_references_the_embedded_preparation_accuracies_remain(tmp_path):
+    summary = run.main(_cfg(tmp_path, "eval.baselines=[]"))
+    assert not (tmp_path / "cache" / "baselines").exists()
+    assert 0.0 <= summary["base_accuracy"] <= 1.0 and "base/synthetic/accuracy" not in summary
+
+
+def test_an_unknown_reference_is_named(compose):
+    from kd_sweeps.validation import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"eval.baselines\[\]='base'.*student, teacher"):
+        validate(compose(["eval.baselines=[base]"]))
