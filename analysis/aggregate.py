@@ -22,6 +22,9 @@ COST_COLUMNS = ("train_flops", "train_time_s", "peak_memory_bytes", "tokens_trai
                 "tokens_supervised")
 GENERATION_COLUMNS = ("finished_rate", "gen_tokens_mean")  # means over a point's runs
 ALL_BENCHMARKS = "accuracy"  # the benchmark name used when runs report no per-benchmark split
+# What a grid point's runs share (checks.check_comparable refuses curves where they differ),
+# kept on its rows so a table of points names its models and data.
+IDENTITY_COLUMNS = ("teacher", "student", "dataset")
 
 
 def benchmarks(df: pd.DataFrame) -> list[str]:
@@ -81,16 +84,29 @@ def reference_accuracies(runs: pd.DataFrame) -> list[dict]:
     return found
 
 
+def point_interval(runs: pd.DataFrame, column: str, level: float = 0.95, seed: int = 0) -> dict:
+    """stats.interval of one grid point's runs of ``column``: an accuracy (``accuracy``,
+    ``acc_<bench>``) with its stderr and per-problem columns, any other with ``<column>_stderr``.
+    Tables and figures both call this, so an error bar is the interval in the table."""
+    if column == "accuracy" or column.startswith("acc_"):
+        _, err_col, problems_col = metric_columns(column[len("acc_"):] if column != "accuracy"
+                                                  else ALL_BENCHMARKS)
+    else:
+        err_col, problems_col = f"{column}_stderr", None
+    problems = runs[problems_col].iloc[0] if problems_col in runs and len(runs) == 1 else None
+    problems = problems if isinstance(problems, list) else None  # missing: NaN or None
+    return interval(numeric_column(runs, column), numeric_column(runs, err_col), problems,
+                    level=level, seed=seed)
+
+
 def _point_rows(runs: pd.DataFrame, benches: list[str], level: float, seed: int) -> list[dict]:
     """One row per benchmark for the runs (seeds) of one grid point."""
     costs = {col: float(numeric_column(runs, col).mean()) for col in COST_COLUMNS}
     rows = []
     for bench in benches:
-        acc_col, err_col, problems_col = metric_columns(bench)
+        acc_col, err_col, _ = metric_columns(bench)
         values, errs = numeric_column(runs, acc_col), numeric_column(runs, err_col)
-        problems = runs[problems_col].iloc[0] if problems_col in runs and len(runs) == 1 else None
-        problems = problems if isinstance(problems, list) else None  # missing: NaN or None
-        stats = interval(values, errs, problems, level=level, seed=seed)
+        stats = point_interval(runs, acc_col, level, seed)
         if stats["runs"] == 0:
             continue
         # Error bar for plots: spread over seeds, or the single run's own stderr.
@@ -115,8 +131,10 @@ def grid_points(df: pd.DataFrame, group_by=None, level: float = 0.95,
     ok = ok_runs(df)
     benches = benchmarks(ok) or [ALL_BENCHMARKS]
     extra = as_columns(group_by)
+    identity = [col for col in IDENTITY_COLUMNS if col not in extra]
     columns = ["curve", "sections", *extra, "trunc", "benchmark", "runs", "mean", "stderr",
-               "ci_low", "ci_high", "interval", *COST_COLUMNS, *GENERATION_COLUMNS]
+               "ci_low", "ci_high", "interval", *COST_COLUMNS, *GENERATION_COLUMNS,
+               *identity, "run_ids", "seeds"]
     if ok.empty:
         return add_retained(pd.DataFrame(columns=columns))
     keys = [curve_keys(ok, extra), numeric_column(ok, "trunc")]
@@ -125,13 +143,23 @@ def grid_points(df: pd.DataFrame, group_by=None, level: float = 0.95,
     for (curve, trunc), runs in ok.groupby(keys, sort=False, dropna=False):
         first = runs.index[0]
         fixed = {"curve": curve, "sections": presets.loc[first], "trunc": trunc,
-                 **{col: ok.at[first, col] for col in extra}}
+                 **{col: ok.at[first, col] for col in extra},
+                 **{col: ok.at[first, col] if col in ok else None for col in identity},
+                 "run_ids": _joined(runs, "run_id"), "seeds": _joined(runs, "seed")}
         rows += [{**fixed, **row} for row in _point_rows(runs, benches, level, seed)]
     points = pd.DataFrame(rows, columns=columns)
     order = sorted(range(len(points)), key=lambda i: (
         preset_rank(points["sections"].iloc[i]), str(points["curve"].iloc[i]),
         points["trunc"].iloc[i], benches.index(points["benchmark"].iloc[i])))
     return add_retained(points.iloc[order].reset_index(drop=True))
+
+
+def _joined(runs: pd.DataFrame, col: str) -> str | None:
+    """A point's distinct values of col as 'a;b' (None where no run has one)."""
+    if col not in runs:
+        return None
+    values = [str(v) for v in dict.fromkeys(runs[col].dropna())]
+    return ";".join(values) or None
 
 
 def add_retained(points: pd.DataFrame) -> pd.DataFrame:

@@ -65,14 +65,17 @@ def grid_report(df: pd.DataFrame, source: str, sweep_dirs: Sequence[Path] | None
         except (OSError, ValueError) as exc:  # one odd multirun.yaml should not hide the rest
             log.warning("%s: grid not computed: %s", sweep_dir, exc)
     if not frames:
-        return pd.DataFrame(columns=["sweep_dir", "job", "point", "status", "run_id", "error"])
+        from analysis.grid import GRID_STATUS_COLUMNS
+
+        return pd.DataFrame(columns=GRID_STATUS_COLUMNS)
     return pd.concat(frames, ignore_index=True)
 
 
 def _point_line(row, several: bool) -> str:
     sweep = Path(row.sweep_dir)  # multirun/<sweep>/<date>: name both when several
+    earlier = "" if bool(getattr(row, "latest_launch", True)) else " (earlier launch)"
     return (f"{sweep.parent.name}/{sweep.name} " if several else "") \
-        + f"job {row.job}: {row.point}"
+        + f"job {row.job}: {row.point}{earlier}"
 
 
 def missing_descriptions(grid: pd.DataFrame) -> list[str]:
@@ -115,19 +118,23 @@ def print_problems(df: pd.DataFrame, grid: pd.DataFrame) -> None:
         print(f"  {row.status} job {row.job}: {row.point} ({row.error})")
 
 
-def write_table(table: pd.DataFrame, out: Path, name: str) -> list[Path]:
+def write_table(table: pd.DataFrame, out: Path, name: str,
+                frame: pd.DataFrame | None = None) -> list[Path]:
+    """Print table and write it as Markdown; the CSV holds ``frame`` (the machine-readable
+    version: tables.summary_frame, tables.paper_frame) where given, else the table."""
     from analysis.tables import to_markdown, write_csv, write_markdown
 
     print("\n" + to_markdown(table))
-    return [write_csv(table, out / f"{name}.csv"), write_markdown(table, out / f"{name}.md")]
+    return [write_csv(table if frame is None else frame, out / f"{name}.csv"),
+            write_markdown(table, out / f"{name}.md")]
 
 
 def run_tradeoff(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
     from analysis.figures import figure_tradeoff
     from analysis.plots import save_figure
-    from analysis.tables import summary_table, unfinished_note
+    from analysis.tables import summary_frame, summary_table, unfinished_note
 
-    paths = write_table(summary_table(df), args.out, "summary")
+    paths = write_table(summary_table(df), args.out, "summary", summary_frame(df))
     print(unfinished_note(df), end="")
     fig = figure_tradeoff(df, missing, args.group_by, x=args.x, y=args.y)
     return paths + save_figure(fig, args.out, "tradeoff")
@@ -168,9 +175,11 @@ def run_paper(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
     from analysis.figures import (figure_generation, figure_sections, figure_tradeoff,
                                   figure_truncation)
     from analysis.plots import save_figure
-    from analysis.tables import paper_table
+    from analysis.tables import paper_frame, paper_table
+    from analysis.windows import figure_windows, varies_windows
 
-    paths = write_table(paper_table(df, args.group_by), args.out, "accuracy")
+    paths = write_table(paper_table(df, args.group_by), args.out, "accuracy",
+                        paper_frame(df, args.group_by))
     paths += save_figure(figure_tradeoff(df, missing, args.group_by), args.out, "tradeoff")
     try:
         fig = figure_sections(df, args.sections_trunc, missing, args.group_by)
@@ -181,9 +190,21 @@ def run_paper(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
     paths += save_figure(fig, args.out, "truncation")
     fig = figure_generation(df, missing, args.group_by)
     paths += save_figure(fig, args.out, "generation")
+    if varies_windows(df):  # a window sweep (conf/experiment/paper_windows.yaml)
+        paths += save_figure(figure_windows(df, missing, args.group_by), args.out, "windows")
     example = _example(df, args)
     print(f"example: {example.origin}")
     return paths + save_figure(figure_of(example), args.out, "example")
+
+
+def _split_windows(df: pd.DataFrame, args) -> None:
+    """A window sweep (runs differing in truncation.mode) is drawn one curve per mode, as the
+    end-of-sweep summary draws any varied setting, instead of being refused."""
+    from analysis.windows import MODE, varies_windows
+
+    if varies_windows(df) and MODE not in (args.group_by or []):
+        args.group_by = [*(args.group_by or []), MODE]
+        print(f"runs differ in truncation.mode: one curve per mode (--group-by {' '.join(args.group_by)})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         df = load(args.source, group=args.group, tags=args.tags, state=args.state)
         grid = grid_report(df, args.source, args.sweep_dir)
+        _split_windows(df, args)
         check_comparable(df, args.group_by)  # refuse before writing anything
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,11 +18,11 @@ from matplotlib.figure import Figure
 
 from analysis.aggregate import grid_points, preset_rank
 from analysis.checks import check_comparable, ok_runs
-from analysis.plots import add_footnote, axis_label, footnote, legend_title, plot_tradeoff
+from analysis.plots import (LEVEL, add_footnote, axis_label, draw_references, footnote,
+                            interval_caption, interval_errors, legend_title, plot_tradeoff,
+                            run_context)
 from analysis.stats import FULL_TRUNC
 from analysis.tables import MIB
-
-LEVEL = 0.95  # confidence level of every interval drawn
 RETAINED_LABELS = {
     "ratio_of_means": "% of trunc=1.0 accuracy retained\n(ratio of means over benchmarks)",
     "mean_of_ratios": "% of trunc=1.0 accuracy retained\n(mean of ratios over benchmarks)",
@@ -36,17 +36,28 @@ COST_PANELS = (("train_time_s", "training time (s)", 1.0),
 def figure_tradeoff(df: pd.DataFrame, missing: Iterable = (), group_by=None,
                     x: str = "train_flops", y: str = "accuracy") -> Figure:
     """Training FLOPs (log) vs accuracy, one curve per preset, Pareto frontier marked."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(8.5, 4.5), layout="constrained")  # the legend sits right of the axes
     ax = plot_tradeoff(df, fig.subplots(), x=x, y=y, group_by=group_by, missing=missing)
-    ax.set_title(f"{axis_label(y)} vs {axis_label(x)}")
+    context = ax.get_title()  # the models, data, benchmarks and steps the runs share
+    ax.set_title(f"{axis_label(y)} vs {axis_label(x)}" + (f"\n{context}" if context else ""),
+                 fontsize=9)
     return fig
 
 
-def _errors(points: pd.DataFrame) -> np.ndarray:
-    """Asymmetric error bars (2, n) from the intervals; 0 where there is none."""
-    low = (points["mean"] - points["ci_low"]).clip(lower=0).fillna(0)
-    high = (points["ci_high"] - points["mean"]).clip(lower=0).fillna(0)
-    return np.vstack([low.to_numpy(dtype=float), high.to_numpy(dtype=float)])
+def _errors(points: pd.DataFrame, scale: float = 1.0) -> np.ndarray:
+    """Asymmetric error bars (2, n) from the intervals, times scale; 0 where there is none."""
+    return interval_errors(points["mean"], points["ci_low"], points["ci_high"], scale)
+
+
+def figure_title(what: str, df: pd.DataFrame) -> str:
+    """A figure's title: what it shows, then what its runs share (plots.run_context)."""
+    context = run_context(df)
+    return what + (f"\n{context}" if context else "")
+
+
+def figure_notes(df: pd.DataFrame, missing: Iterable, methods: Iterable) -> str:
+    """The footnote of a figure with error bars: the interval caption, then what is not shown."""
+    return "\n".join(n for n in (interval_caption(methods, df), footnote(df, missing)) if n)
 
 
 def plot_sections(points: pd.DataFrame, benchmark: str, ax: Axes | None = None) -> Axes:
@@ -60,15 +71,15 @@ def plot_sections(points: pd.DataFrame, benchmark: str, ax: Axes | None = None) 
     rows = rows.iloc[sorted(range(len(rows)), key=lambda i: (
         preset_rank(rows["sections"].iloc[i]), str(rows["curve"].iloc[i])))]
     positions = np.arange(len(rows))
-    ax.bar(positions, rows["mean"].astype(float), yerr=_errors(rows), capsize=3,
+    ax.bar(positions, 100 * rows["mean"].astype(float), yerr=_errors(rows, 100), capsize=3,
            color=[f"C{i % 10}" for i in positions], edgecolor="black", linewidth=0.5)
     for pos, (mean, runs) in enumerate(zip(rows["mean"], rows["runs"])):
-        ax.annotate(f"{100 * mean:.1f}\nn={runs}", (pos, mean), xytext=(0, 3),
+        ax.annotate(f"{100 * mean:.1f}\nn={runs}", (pos, 100 * mean), xytext=(0, 3),
                     textcoords="offset points", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(positions, [str(c) for c in rows["curve"]], rotation=30, ha="right",
                   fontsize=8)
     ax.set_title(benchmark, fontsize=9)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (%)")
     ax.margins(y=0.15)  # room for the value labels above the bars
     ax.grid(True, axis="y", alpha=0.3)
     return ax
@@ -89,9 +100,11 @@ def figure_sections(df: pd.DataFrame, trunc: float = FULL_TRUNC, missing: Iterab
     axes = np.atleast_1d(fig.subplots(1, len(names), sharey=True, squeeze=False)[0])
     for ax, bench in zip(axes, names):
         plot_sections(points, bench, ax)
-    fig.suptitle(f"accuracy per section preset at trunc={trunc:g} "
-                 f"(error bars: {LEVEL:.0%} intervals; n = runs)", fontsize=10)
-    add_footnote(fig, footnote(df, missing))
+    if len(names) == 1:  # the references are overall accuracies: one panel is their benchmark
+        draw_references(axes[0], ok_runs(df))
+    fig.suptitle(figure_title(f"accuracy per section preset at trunc={trunc:g} (n = runs)", df),
+                 fontsize=10)
+    add_footnote(fig, figure_notes(df, missing, points["interval"]))
     return fig
 
 
@@ -106,7 +119,7 @@ def plot_vs_trunc(points: pd.DataFrame, column: str, ax: Axes | None = None,
         ax = Figure(figsize=(4, 3.5), layout="constrained").subplots()
     for curve, rows in points.groupby("curve", sort=False):
         rows = rows.drop_duplicates(["trunc"]).sort_values("trunc")
-        yerr = _errors(rows) * scale if error else None
+        yerr = _errors(rows, scale) if error else None
         ax.errorbar(rows["trunc"].astype(float), rows[column].astype(float) * scale,
                     yerr=yerr, marker="o", markersize=4, capsize=3, label=str(curve))
     ticks = sorted(set(points["trunc"].dropna().astype(float)))
@@ -132,20 +145,21 @@ def figure_truncation(df: pd.DataFrame, missing: Iterable = (), group_by=None,
                           level=LEVEL)
     fig = Figure(figsize=(12, 6.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
-    plot_vs_trunc(overall, "mean", axes[0], error=True,
-                  label="accuracy (mean over benchmarks)")
+    plot_vs_trunc(overall, "mean", axes[0], error=True, scale=100,
+                  label="accuracy (%, mean over benchmarks)")
+    references = draw_references(axes[0], ok_runs(df))
     plot_vs_trunc(points, f"retained_{retained_average}", axes[1], scale=100,
                   label=RETAINED_LABELS[retained_average])
     axes[1].axhline(100, color="grey", linewidth=0.8, linestyle=":")
     for ax, (column, label, scale) in zip(axes[2:5], COST_PANELS):
         plot_vs_trunc(points, column, ax, scale=scale, label=label)
     handles, labels = axes[0].get_legend_handles_labels()
+    curves = [(h, lab) for h, lab in zip(handles, labels) if lab not in references]
     axes[5].axis("off")
-    if handles:
-        axes[5].legend(handles, labels, title=legend_title(group_by), loc="center")
-    fig.suptitle(f"truncation: accuracy and cost vs trunc (accuracy error bars: {LEVEL:.0%} "
-                 "intervals)", fontsize=10)
-    add_footnote(fig, footnote(df, missing))
+    if curves:
+        axes[5].legend(*zip(*curves), title=legend_title(group_by), loc="center")
+    fig.suptitle(figure_title("truncation: accuracy and cost vs trunc", df), fontsize=10)
+    add_footnote(fig, figure_notes(df, missing, overall["interval"]))
     return fig
 
 
@@ -190,7 +204,7 @@ def figure_generation(df: pd.DataFrame, missing: Iterable = (), group_by=None) -
     legend_ax.axis("off")
     if handles:
         legend_ax.legend(handles, labels, title=legend_title(group_by), loc="center", fontsize=8)
-    fig.suptitle("generation vs trunc: tokens per completion and finished rate "
-                 "(means over benchmarks and seeds)", fontsize=10)
+    fig.suptitle(figure_title("generation vs trunc: tokens per completion and finished rate "
+                              "(means over benchmarks and seeds)", df), fontsize=10)
     add_footnote(fig, footnote(df, missing))
     return fig

@@ -106,13 +106,28 @@ def read_multirun(sweep_dir) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def expected_grid(sweep_dir) -> list[dict]:
-    """Every grid point of the sweep in sweep_dir, as {override key: value}, in job order.
+# Hydra rewrites multirun.yaml at every launch into the same sweep dir; the end of each launch
+# keeps a copy as launches/<UTC time>-multirun.yaml (kd_sweeps.callbacks), so the grid of a sweep
+# launched in parts is the union of them all.
+LAUNCHES_DIR = "launches"
+LAUNCH_SUFFIX = "-multirun.yaml"
 
-    Keys Hydra sets for every job alike (``sweep=demo``) are in every point;
-    the sweep's name is added from the config when no override sets it.
-    """
-    multirun = read_multirun(sweep_dir)
+
+class GridPoint(dict):
+    """One grid point, {override key: value}; ``latest`` is whether the sweep's latest launch
+    has it (a point of an earlier launch only is False)."""
+
+    latest: bool = True
+
+
+def launch_files(sweep_dir) -> list[Path]:
+    """The kept multirun.yaml of each launch of the sweep, oldest first (names start with
+    their UTC time)."""
+    return sorted((Path(sweep_dir) / LAUNCHES_DIR).glob(f"*{LAUNCH_SUFFIX}"))
+
+
+def _launch_grid(multirun: Mapping) -> list[dict]:
+    """The points of one launch's multirun.yaml, in job order."""
     hydra = multirun.get("hydra") or {}
     params = (hydra.get("sweeper") or {}).get("params") or {}
     overrides = [f"{key}={value}" for key, value in params.items()]
@@ -123,6 +138,62 @@ def expected_grid(sweep_dir) -> list[dict]:
         for point in points:
             point.setdefault("sweep", multirun["sweep"])
     return points
+
+
+def _identity(point: Mapping) -> tuple:
+    return tuple(sorted((str(k), repr(_norm(v))) for k, v in point.items()))
+
+
+def expected_grid(sweep_dir) -> list[GridPoint]:
+    """Every grid point of the sweep in sweep_dir, as {override key: value}: the union of the
+    grids of its launches (multirun.yaml and each launches/*-multirun.yaml). The latest launch's
+    points come first, in its job order (``latest`` True), then those only earlier launches had,
+    newest launch first.
+
+    Keys Hydra sets for every job alike (``sweep=demo``) are in every point;
+    the sweep's name is added from the config when no override sets it.
+    """
+    current = Path(sweep_dir) / MULTIRUN_FILE
+    files = launch_files(sweep_dir)
+    latest = current if current.is_file() or not files else files[-1]
+    grids = [_launch_grid(read_multirun(sweep_dir) if latest == current
+                          else yaml.safe_load(latest.read_text()) or {})]
+    for path in reversed(files):
+        if path != latest:
+            grids.append(_launch_grid(yaml.safe_load(path.read_text()) or {}))
+    seen, points = set(), []
+    for launch, grid in enumerate(grids):
+        for values in grid:
+            if _identity(values) not in seen:
+                seen.add(_identity(values))
+                point = GridPoint(values)
+                point.latest = launch == 0
+                points.append(point)
+    return points
+
+
+def latest_launch_runs(df: pd.DataFrame, sweep_dir) -> pd.Series:
+    """Per row of df: whether its run stands for a point of the sweep's latest launch (matched as
+    grid_status matches: by the overrides in its result.json, else by its columns)."""
+    from analysis.load import read_result_records
+
+    grid = expected_grid(sweep_dir)
+    varying = varying_keys(grid)
+    latest = [point for point in grid if point.latest]
+    by_key: dict[tuple, list[GridPoint]] = {}
+    for point in latest:
+        by_key.setdefault(tuple(repr(_norm(point.get(k))) for k in varying), []).append(point)
+    records = {r["run_id"]: r for r in read_result_records(sweep_dir) if r.get("run_id")}
+    marks = []
+    for row in df.to_dict("records"):
+        record = records.get(None if _missing(row.get("run_id")) else row["run_id"])
+        values = _record_values(record) if record is not None else None
+        values = values if values is not None else frame_values(row)
+        known = all(k in values for k in varying)
+        candidates = by_key.get(tuple(repr(_norm(values.get(k))) for k in varying), []) \
+            if known else latest
+        marks.append(any(_matches(p, values, varying) for p in candidates))
+    return pd.Series(marks, index=df.index, dtype=bool)
 
 
 def sweep_dirs(root) -> list[Path]:
@@ -238,9 +309,13 @@ def describe(point: Mapping, keys: Iterable[str] | None = None) -> str:
 _STATUS_RANK = {"ok": 0, "running": 1, "failed": 2}
 
 
+GRID_STATUS_COLUMNS = ["sweep_dir", "job", "latest_launch", "point", "status", "run_id", "error"]
+
+
 def grid_status(df: pd.DataFrame, sweep_dir) -> pd.DataFrame:
-    """One row per grid point: job, point, status (ok | running | failed | crashed |
-    missing), run_id and error of the run that stands for it."""
+    """One row per grid point (expected_grid's order): job (its place in that order: the job
+    number for the latest launch's points), latest_launch, point, status (ok | running | failed
+    | crashed | missing), run_id and error of the run that stands for it."""
     grid = expected_grid(sweep_dir)
     varying = varying_keys(grid)
     # Runs that tell every swept value are looked up by them; only the others are
@@ -258,12 +333,12 @@ def grid_status(df: pd.DataFrame, sweep_dir) -> pd.DataFrame:
         candidates = by_values.get(tuple(repr(_norm(point.get(k))) for k in varying), [])
         matches = [o for o in candidates + partial if _matches(point, o["values"], varying)]
         best = min(matches, key=lambda o: _STATUS_RANK.get(o["status"], 3), default=None)
-        rows.append({"sweep_dir": str(sweep_dir), "job": job,
+        rows.append({"sweep_dir": str(sweep_dir), "job": job, "latest_launch": point.latest,
                      "point": describe(point, varying or None),
                      "status": "missing" if best is None else (best["status"] or "unknown"),
                      "run_id": None if best is None or _missing(best["run_id"]) else best["run_id"],
                      "error": None if best is None or _missing(best["error"]) else best["error"]})
-    return pd.DataFrame(rows, columns=["sweep_dir", "job", "point", "status", "run_id", "error"])
+    return pd.DataFrame(rows, columns=GRID_STATUS_COLUMNS)
 
 
 def missing_points(df: pd.DataFrame, sweep_dir) -> list[dict]:

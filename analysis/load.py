@@ -304,16 +304,20 @@ def wandb_record(run) -> dict:
 
 
 def load_offline_wandb(root) -> pd.DataFrame:
-    """Frame of every offline W&B run below root; corrupt logs are logged and skipped."""
+    """Frame of every offline W&B run below root but sweep summary runs; corrupt logs are
+    logged and skipped."""
     # Imported here: it needs wandb's protobufs, which result.json users may not have.
-    from analysis.wandb_offline import find_runs, merge_resumed, read_run
+    from analysis.wandb_offline import find_runs, is_summary, merge_resumed, read_run
 
     runs = []
     for file in find_runs(root):
         try:
-            runs.append(read_run(file))
+            run = read_run(file)
         except ValueError as exc:  # one damaged log should not hide the whole sweep
             log.warning("skipped offline W&B run: %s", exc)
+            continue
+        if not is_summary(run):  # a sweep's summary run (job_type summary) is no grid point
+            runs.append(run)
     return runs_frame([wandb_record(run) for run in merge_resumed(runs)])
 
 

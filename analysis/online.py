@@ -28,6 +28,9 @@ DEFAULT_PER_PAGE = 100
 # one-minute rate-limit window.
 MAX_RETRIES = 6
 BASE_DELAY_S = 2.0
+# job_type of a sweep's summary run (as analysis.wandb_offline.SUMMARY_JOB_TYPE; not imported
+# from there, which loads wandb's protobufs).
+SUMMARY_JOB_TYPE = "summary"
 # What a 429 says when the status code itself did not survive the wrapping.
 _RATE_LIMIT_TEXT = re.compile(r"\b429\b|too many requests|rate[- ]limit", re.IGNORECASE)
 
@@ -119,7 +122,8 @@ def fetch_records(api, path: str, filters: dict, per_page: int = DEFAULT_PER_PAG
         before = len(records)
         try:
             for run in _query(api, path, filters, per_page):
-                if run.id not in records:
+                # A sweep's summary run (job_type summary) holds its table, not a grid point.
+                if run.id not in records and getattr(run, "job_type", None) != SUMMARY_JOB_TYPE:
                     records[run.id] = online_record(run)  # may itself hit the API
             return list(records.values())
         except Exception as exc:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.aggregate import grid_points, numeric_column, reference_accuracies
+from analysis.aggregate import (benchmarks, grid_points, numeric_column, point_interval,
+                                reference_accuracies)
 from analysis.checks import as_columns, ok_runs
 from analysis.stats import retained
 
@@ -22,6 +23,14 @@ GEN_TOKENS = "gen tokens (mean)"  # generated tokens per completion, over benchm
 # (a student that did not learn to stop): unfinished_note names it under the table.
 UNFINISHED_NOTE_BELOW = 0.5
 REFERENCE_ROWS = {"teacher": "teacher (reference)", "base": "base student before KD (reference)"}
+LATEST = "latest launch"  # Markdown column marking the points of the sweep's latest launch
+LEVEL = 0.95  # confidence level of the CSV intervals, the same the figures draw
+# The CSV's `role` per row: a grid point's run, or a reference accuracy (see add_reference_rows).
+ROLES = {"teacher": "teacher", "base": "base_student"}
+# Config columns every CSV row carries (identifiers and settings), in this order.
+CSV_SETTINGS = ("sweep", "run_id", "seed", "sections", "sections_include", "trunc",
+                "truncation_mode", "cut_after_think", "loss", "kd_ratio", "temperature",
+                "teacher", "student", "dataset")
 # Settings that, when they differ between runs, must be shown or rows would look identical.
 _VARYING = ("teacher", "student", "dataset", "truncation_mode", "cut_after_think", "loss",
             "kd_ratio", "temperature", "seed")
@@ -35,13 +44,14 @@ def _accuracy_text(acc: Any, err: Any) -> str | None:
     return f"{100 * acc:.1f} ± {100 * err:.1f}"
 
 
-def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+def summary_table(df: pd.DataFrame, latest: pd.Series | None = None) -> pd.DataFrame:
     """One row per ok run (grid point), sorted by (sections, trunc), then one reference row
     each for the teacher's and the base student's accuracy where the runs know them.
 
-    Numbers stay numeric (rounded for display) so the CSV stays usable; only
-    the accuracy column is text, because it pairs value and error. Runs that
-    predate a column (finished rate, generated tokens, references) get NaN.
+    For reading: numbers are rounded for display and the accuracy column is text, because it
+    pairs value and error (summary_frame is the same rows for machines, what summary.csv holds). Runs that
+    predate a column (finished rate, generated tokens, references) get NaN. With ``latest`` (a
+    boolean per row of df), a first column marks the runs of the sweep's latest launch with ✓.
     """
     ok = ok_runs(df).copy()
     has_metric = {"accuracy", "trunc"} <= set(ok.columns)
@@ -50,6 +60,9 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     ok = ok.sort_values(keys, na_position="last", kind="stable")
 
     table = pd.DataFrame(index=ok.index)
+    if latest is not None:
+        table[LATEST] = pd.Series(latest.reindex(ok.index).eq(True), index=ok.index).map(
+            {True: "✓", False: ""})
     table["trunc"] = numeric_column(ok, "trunc")
     table["sections"] = ok["sections"] if "sections" in ok else None
     if "sections_include" in ok and "sections" in ok:
@@ -152,6 +165,110 @@ def paper_table(df: pd.DataFrame, group_by=None, level: float = 0.95,
     table[FINISHED] = _percent(points["finished_rate"])
     table[GEN_TOKENS] = points["gen_tokens_mean"].astype(float).round(1)
     return table.reset_index(drop=True)
+
+
+def _pct(values) -> pd.Series:
+    """Shares as percent, rounded to 4 decimals (float noise such as 55.00000000000001 out)."""
+    return (100 * pd.to_numeric(pd.Series(values), errors="coerce").astype(float)).round(4)
+
+
+def _csv_settings(runs: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame(index=runs.index)
+    for col in CSV_SETTINGS:
+        out[col] = runs[col] if col in runs else pd.Series(None, index=runs.index, dtype=object)
+    return out
+
+
+def summary_frame(df: pd.DataFrame, latest: pd.Series | None = None) -> pd.DataFrame:
+    """The summary as a machine-readable frame (what summary.csv holds): one row per ok run in
+    summary_table's order, then the reference rows; snake_case headers with their unit in the
+    name, every value numeric but identifiers and ``accuracy_interval`` (how the 95 % interval
+    was made: stats.interval, as the figures draw it). ``role`` is grid_point, teacher or
+    base_student; ``latest_launch`` (with ``latest``) marks the runs of the sweep's last launch.
+    """
+    ok = ok_runs(df).copy()
+    ok["_retained"] = retained(ok) if {"accuracy", "trunc"} <= set(ok.columns) else math.nan
+    keys = [c for c in ("sections", "trunc", "seed", "run_id") if c in ok]
+    ok = ok.sort_values(keys, na_position="last", kind="stable")
+    out = _csv_settings(ok)
+    out.insert(0, "role", "grid_point")
+    out["train_flops"] = numeric_column(ok, "train_flops").astype(float)
+    out["train_time_s"] = numeric_column(ok, "train_time_s").astype(float)
+    out["peak_memory_mib"] = (numeric_column(ok, "peak_memory_bytes").astype(float) / MIB).round(3)
+    for col in ("tokens_trained", "tokens_supervised"):
+        out[col] = numeric_column(ok, col)
+    intervals = [point_interval(ok.loc[[i]], "accuracy", LEVEL) for i in ok.index]
+    acc = numeric_column(ok, "accuracy").astype(float)
+    out["accuracy_pct"] = _pct(acc).to_numpy()
+    out["accuracy_stderr_pct"] = _pct(numeric_column(ok, "accuracy_stderr")).to_numpy()
+    out["accuracy_ci_low_pct"] = _pct([i["ci_low"] for i in intervals]).to_numpy()
+    out["accuracy_ci_high_pct"] = _pct([i["ci_high"] for i in intervals]).to_numpy()
+    out["accuracy_interval"] = [None if i["interval"] == "none" else i["interval"]
+                                for i in intervals]
+    for bench in benchmarks(ok):
+        out[f"acc_{bench}_pct"] = _pct(numeric_column(ok, f"acc_{bench}")).to_numpy()
+        out[f"n_{bench}"] = numeric_column(ok, f"n_{bench}")
+    out["retained_pct"] = _pct(ok["_retained"]).to_numpy()
+    teacher = numeric_column(ok, "teacher_accuracy").astype(float)
+    out["pct_of_teacher"] = (100 * acc / teacher.where(teacher > 0)).round(4)
+    out["teacher_accuracy_pct"] = _pct(teacher).to_numpy()
+    out["base_accuracy_pct"] = _pct(numeric_column(ok, "base_accuracy")).to_numpy()
+    out["finished_pct"] = _pct(numeric_column(ok, "finished_rate")).to_numpy()
+    out["gen_tokens_mean"] = numeric_column(ok, "gen_tokens_mean").astype(float)
+    if latest is not None:
+        out["latest_launch"] = pd.Series(latest.reindex(ok.index).eq(True), dtype="boolean")
+    return _with_reference_frame_rows(out.reset_index(drop=True), ok)
+
+
+def _with_reference_frame_rows(frame: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """frame with one row per reference accuracy: role, models, accuracy and % of teacher; the
+    rest empty (dtypes kept)."""
+    references = reference_accuracies(runs)
+    first = len(frame)
+    frame = frame.reindex(range(first + len(references)))
+    for row, ref in enumerate(references, start=first):
+        frame.at[row, "role"] = ROLES[ref["role"]]
+        for col, model in ref["models"].items():
+            if col in frame:
+                frame.at[row, col] = model
+        frame.at[row, "accuracy_pct"] = round(100 * ref["accuracy"], 4)
+        teacher = ref["teacher_accuracy"]
+        if "pct_of_teacher" in frame and teacher is not None and teacher > 0:
+            frame.at[row, "pct_of_teacher"] = round(100 * ref["accuracy"] / teacher, 4)
+    return frame
+
+
+def paper_frame(df: pd.DataFrame, group_by=None, level: float = LEVEL,
+                seed: int = 0) -> pd.DataFrame:
+    """paper_table as a machine-readable frame (what accuracy.csv holds): one row per (curve,
+    trunc, benchmark) with snake_case headers, units in the names, numbers unrounded but for
+    float noise; ``run_ids`` and ``seeds`` list a point's runs ('a;b'); then reference rows
+    (``role`` teacher / base_student) as in summary_frame."""
+    points = grid_points(df, group_by, level=level, seed=seed)
+    out = pd.DataFrame({"role": "grid_point", "sections": points["sections"].astype(object)})
+    for col in as_columns(group_by):
+        out[col] = points[col]
+    out["trunc"] = pd.to_numeric(points["trunc"], errors="coerce").astype(float)
+    out["benchmark"] = points["benchmark"].astype(object)
+    for col in ("teacher", "student", "dataset", "run_ids", "seeds"):
+        if col not in out:
+            out[col] = points[col].astype(object)
+    out["runs"] = points["runs"].astype("Int64")
+    out["accuracy_pct"] = _pct(points["mean"])
+    out["accuracy_stderr_pct"] = _pct(points["stderr"])
+    out["accuracy_ci_low_pct"] = _pct(points["ci_low"])
+    out["accuracy_ci_high_pct"] = _pct(points["ci_high"])
+    out["accuracy_interval"] = points["interval"].astype(object)
+    for col in ("retained", "retained_mean_of_ratios", "retained_ratio_of_means"):
+        out[f"{col}_pct"] = _pct(points[col])
+    out["train_flops"] = points["train_flops"].astype(float)
+    out["train_time_s"] = points["train_time_s"].astype(float)
+    out["peak_memory_mib"] = (points["peak_memory_bytes"].astype(float) / MIB).round(3)
+    for col in ("tokens_trained", "tokens_supervised"):  # means over seeds
+        out[col] = points[col].astype(float)
+    out["finished_pct"] = _pct(points["finished_rate"])
+    out["gen_tokens_mean"] = points["gen_tokens_mean"].astype(float)
+    return _with_reference_frame_rows(out.reset_index(drop=True), ok_runs(df))
 
 
 def _cell(value: Any) -> str:

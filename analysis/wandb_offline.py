@@ -272,5 +272,18 @@ def merge_resumed(runs: list[OfflineRun]) -> list[OfflineRun]:
     return merged
 
 
-def read_runs(root, read_history: bool = False) -> list[OfflineRun]:
-    return merge_resumed([read_run(f, read_history=read_history) for f in find_runs(root)])
+# job_type of the one run per sweep launch that holds its summary table and tradeoff figure
+# (kd_sweeps.callbacks.log_wandb_summary): a record of the sweep, not a grid point.
+SUMMARY_JOB_TYPE = "summary"
+
+
+def is_summary(run) -> bool:
+    """Whether a run (offline, or one of the public API) is a sweep's summary run."""
+    return getattr(run, "job_type", None) == SUMMARY_JOB_TYPE
+
+
+def read_runs(root, read_history: bool = False, summaries: bool = False) -> list[OfflineRun]:
+    """Every offline run below root, resumed attempts folded; sweep summary runs only with
+    ``summaries`` (they are not grid points)."""
+    runs = [read_run(f, read_history=read_history) for f in find_runs(root)]
+    return merge_resumed([run for run in runs if summaries or not is_summary(run)])

@@ -11,8 +11,10 @@ import json
 
 # Keys that say where/how a point runs or is logged, not what it computes.
 NON_IDENTITY_KEYS = ("logger", "output_dir", "cache_dir", "sweep", "extra", "launcher", "force", "hydra")
-NON_IDENTITY_EVAL_KEYS = ("separate_job", "job")  # which job evaluates, with what resources
-NON_IDENTITY_DATA_KEYS = ("num_proc",)  # how many processes tokenize: the same rows either way
+# which job evaluates, with what resources; which references are measured beside the point
+NON_IDENTITY_EVAL_KEYS = ("separate_job", "job", "baselines")
+# how many processes tokenize (the same rows either way); what the plan assumes (the run never reads it)
+NON_IDENTITY_DATA_KEYS = ("num_proc", "assumed_lengths")
 
 
 def identity_config(resolved: dict) -> dict:
@@ -21,6 +23,8 @@ def identity_config(resolved: dict) -> dict:
         kept["eval"] = {k: v for k, v in kept["eval"].items() if k not in NON_IDENTITY_EVAL_KEYS}
     if isinstance(kept.get("data"), dict):
         kept["data"] = {k: v for k, v in kept["data"].items() if k not in NON_IDENTITY_DATA_KEYS}
+    if isinstance(kept.get("distill"), dict) and kept["distill"].get("mode") == "offline":
+        del kept["distill"]  # offline reads none of its keys: ids stay those of points run before it existed
     return kept
 
 

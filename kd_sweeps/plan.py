@@ -1,279 +1,45 @@
-"""Plan a sweep before spending anything: each grid point's training tokens, FLOPs and peak memory.
+"""Plan a sweep before spending anything: per grid point its training tokens, FLOPs, memory per
+process, time and GPU-hours, whether it fits its launcher's GPUs and time limit, and whether it is done.
 
     python -m kd_sweeps.plan trunc=0.25,0.5,1.0 sections=all,cot      # the overrides of launch.py -m
+    python -m kd_sweeps.plan experiment=paper_truncation launcher=slurm_gpu_4b_8b
 
-The grid is expanded by Hydra's own override parser and basic sweeper (``a,b``, ``range()``,
-``choice()``, ``glob()``, list values, ``hydra.sweeper.params``); every point is composed as its job
-would be and validated, and every problem is listed with its point. Nothing is launched, no model is
-built. Tokens come from encoding the training data (embedded student) or from a character estimate
-(pretrained student: its tokenizer would be a download); FLOPs from ``kd_sweeps.cost``; peak memory
-from the analytic estimate of ``peak_memory_bytes``. docs/launching.md derives each.
+The grid is expanded by Hydra's own override parser and basic sweeper (kd_sweeps/plan_grid.py);
+every point is composed as its job would be and validated, and every problem is listed with its
+point. Nothing is launched, no model is built. Lengths: kd_sweeps/plan_lengths.py; FLOPs:
+kd_sweeps.cost; memory: kd_sweeps/plan_memory.py; evaluation: kd_sweeps/plan_eval.py; verdicts:
+kd_sweeps/plan_verdict.py. docs/launching.md derives each.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import functools
 import json
 import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-
-# Hydra's own multirun machinery (hydra-core is pinned below 1.4, where these modules live): the
-# grid and each point's config must come out exactly as ``launch.py -m`` makes them.
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
-from hydra._internal.config_repository import CachingConfigRepository
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra._internal.defaults_list import Overrides
-from hydra._internal.utils import create_config_search_path
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.plugins import Plugins
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from kd_sweeps.cost import ModelShape, kd_step_flops
-from kd_sweeps.plan_eval import (DEFAULT_TOKEN_FRACTION, DEFAULT_TOKENS_PER_S, EvalAssumptions, EvalCost,
-                                 duration, eval_cost, fit_warning)
+from kd_sweeps.plan_eval import (DEFAULT_TOKEN_FRACTION, DEFAULT_TOKENS_PER_S, EvalAssumptions, EvalCost, eval_cost,
+                                 fit_warning)
+from kd_sweeps.plan_format import format_plan, write_csv
+from kd_sweeps.plan_grid import CONF_DIR, GridComposer, LauncherFacts, PlanError
+from kd_sweeps.plan_lengths import (CHARS_PER_TOKEN, LengthFinder, Sequences, encoded_sequences,  # noqa: F401
+                                    estimated_sequences, point_tokens)
+from kd_sweeps.plan_memory import (QWEN3_SHAPES, RankLayout, memory_per_rank_bytes, parameter_count,  # noqa: F401
+                                   peak_memory_bytes, pretrained_shape)
+from kd_sweeps.plan_verdict import DEFAULT_GPU_MEMORY_GIB, Fit, Hardware, fit, memory_limit
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-CHARS_PER_TOKEN = 3.5  # length estimate for pretrained tokenizers (see estimated_sequences)
-TEMPLATE_TOKENS_BEFORE, TEMPLATE_TOKENS_AFTER = 8, 2  # Qwen3 chat template around the two turns
-LOSS_BYTES_PER_LOGIT = 24  # fp32 loss intermediates per supervised logit (see peak_memory_bytes)
-
-# (layers, hidden, heads, kv_heads, head_dim, intermediate, tied embeddings); vocabulary 151,936.
-# From each checkpoint's config.json; -Base checkpoints share their model's shape.
-QWEN3_SHAPES = {
-    "qwen3-0.6b": (28, 1024, 16, 8, 128, 3072, True),
-    "qwen3-1.7b": (28, 2048, 16, 8, 128, 6144, True),
-    "qwen3-4b": (36, 2560, 32, 8, 128, 9728, True),
-    "qwen3-8b": (36, 4096, 32, 8, 128, 12288, False),
-    "qwen3-32b": (64, 5120, 64, 8, 128, 25600, False),
-}
-QWEN3_VOCAB = 151_936
-
-
-class PlanError(ValueError):
-    """The sweep cannot be expanded at all (bad command line, unsupported sweeper)."""
-
-
-# --------------------------------------------------------------------------- grid and composition
-
-
-class GridComposer:
-    """Expands and composes grid points as ``launch.py -m <overrides>`` would."""
-
-    def __init__(self, overrides: list[str], config_name: str = "config", config_dir: Path = CONF_DIR):
-        from kd_sweeps.schema import register_configs
-
-        register_configs()
-        Plugins.instance()  # registers the launcher plugins' configs (hydra/launcher=submitit_*)
-        self.loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir)))
-        self.master = self.loader.load_configuration(config_name, list(overrides), run_mode=RunMode.MULTIRUN)
-        self.parser = OverridesParser.create(config_loader=self.loader)  # glob() lists config groups
-        self._repo = CachingConfigRepository(self.loader.repository)
-        self._bases: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
-        self._timeouts: dict[tuple[str, ...], float | None] = {}  # hydra.launcher.timeout_min
-        self._parsed: dict = {}
-
-    def _parse(self, line: str):
-        # A grid repeats each override string across many points (100 truncs x 10 sections: 110
-        # strings, 1,000 points); parsing each once saves the grammar's ~0.3 ms per string and point.
-        if line not in self._parsed:
-            self._parsed[line] = self.parser.parse_overrides([line])[0]
-        return self._parsed[line]
-
-    def points(self) -> list[list[str]]:
-        """Every point's overrides, in the order the basic sweeper launches them."""
-        sweeper = self.master.hydra.sweeper
-        if not str(sweeper._target_).endswith("BasicSweeper"):
-            raise PlanError(f"hydra.sweeper is {sweeper._target_}; the plan expands basic-sweeper grids")
-        params = [f"{key}={value}" for key, value in (sweeper.params or {}).items()]
-        task = OmegaConf.to_container(self.master.hydra.overrides.task, resolve=False)
-        parsed = self.parser.parse_overrides(params + list(task))
-        return [point for batch in BasicSweeper.split_arguments(parsed, sweeper.max_batch_size)
-                for point in batch]
-
-    def compose(self, point: list[str]) -> DictConfig:
-        """The job config of one point (no ``hydra`` node), as its job would receive it."""
-        with self.composed(point) as cfg:
-            return copy.deepcopy(cfg)
-
-    def _split(self, point: list[str]):
-        """(config-value overrides, group choices) of a point, by Hydra's own split: the overrides
-        the defaults list consumes vs those applied to config values."""
-        parsed = [self._parse(line) for line in point]
-        values = Overrides(self._repo, parsed).config_overrides
-        value_ids = {id(o) for o in values}
-        return values, tuple(o.input_line for o in parsed if id(o) not in value_ids)
-
-    def _base(self, choices: tuple[str, ...]) -> tuple[DictConfig, DictConfig]:
-        if choices not in self._bases:
-            base = self.loader.load_sweep_config(self.master, list(choices))
-            # The launcher (a group choice, e.g. launcher=slurm_gpu_4b_8b) sets the job's time limit;
-            # the basic launcher has none.
-            self._timeouts[choices] = OmegaConf.select(base, "hydra.launcher.timeout_min", default=None)
-            with open_dict(base):
-                del base["hydra"]
-            self._bases[choices] = (base, copy.deepcopy(base))
-        return self._bases[choices]
-
-    def launcher_timeout_min(self, point: list[str]) -> float | None:
-        """The point's job time limit in minutes (``hydra.launcher.timeout_min``; None: no limit)."""
-        choices = self._split(point)[1]
-        self._base(choices)
-        return self._timeouts[choices]
-
-    @contextmanager
-    def composed(self, point: list[str]):
-        """Like ``compose``, valid only inside the ``with`` block: the shared composition of the point's
-        group choices is updated in place and restored afterwards, which is several times faster
-        than copying a whole config per point."""
-        values, choices = self._split(point)
-        work, pristine = self._base(choices)
-        if any(o.is_add() or o.is_force_add() or o.is_delete() for o in values):
-            work = copy.deepcopy(pristine)  # keys appear or vanish: restoring is not worth it
-        touched = {o.key_or_group.split(".")[0] for o in values}
-        try:
-            ConfigLoaderImpl._apply_overrides_to_config(values, work)
-            yield work
-        finally:
-            for key in touched & set(pristine.keys()):
-                work[key] = pristine._get_node(key)  # assigning a node copies it
-
-
-# --------------------------------------------------------------------------- sequences
-
-
-@dataclass
-class Sequences:
-    """Full (untruncated) training sequences of one data config: token lengths and span bounds."""
-
-    length: np.ndarray  # (N,) templated length
-    cot_start: np.ndarray  # (N,) first <think> = end of the prompt P
-    cot_end: np.ndarray  # (N,) one past the first </think> = start of the answer A
-    exact: bool  # encoded with the real tokenizer (True) or estimated from characters
-
-
-def encoded_sequences(data_cfg, tokenizer) -> Sequences:
-    from kd_sweeps import data
-
-    encoded, _, _ = data.load_encoded(data_cfg, "train", tokenizer)  # a real dataset: length-filtered, then split
-    length = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
-    cot = np.array([e.spans.cot for e in encoded], dtype=np.int64).reshape(-1, 2)
-    return Sequences(length, cot[:, 0], cot[:, 1], exact=True)
-
-
-def estimated_sequences(data_cfg) -> Sequences:
-    """Lengths from characters: ``CHARS_PER_TOKEN`` = 3.5 for Qwen3's 151k BPE on English math reasoning
-    (~4 on prose, fewer where digits split one per token: expect +-25%), each marker one token, plus
-    the chat template's 8 tokens before the answer turn and 2 after it."""
-    from kd_sweeps import data
-
-    def tokens(text: str) -> int:
-        return math.ceil(len(text) / CHARS_PER_TOKEN)
-
-    rows = []
-    for record in data.load_records(data_cfg, "train"):
-        reasoning = record["reasoning"]
-        start, end = reasoning.find("<think>"), reasoning.find("</think>")
-        if start < 0 or end < start:
-            continue  # no markers: data.encode drops these too
-        prompt = TEMPLATE_TOKENS_BEFORE + tokens(record["problem"]) + tokens(reasoning[:start])
-        cot_end = prompt + 2 + tokens(reasoning[start + len("<think>"):end])  # markers: one token each
-        length = cot_end + tokens(reasoning[end + len("</think>"):]) + TEMPLATE_TOKENS_AFTER
-        if length <= data_cfg.max_tokens:
-            rows.append((length, prompt, cot_end))
-    if not rows:
-        raise ValueError(f"no training sequence with both markers within data.max_tokens={data_cfg.max_tokens}")
-    table = np.array(rows, dtype=np.int64)
-    return Sequences(table[:, 0], table[:, 1], table[:, 2], exact=False)
-
-
-def point_tokens(seqs: Sequences, trunc: float, mode: str, sections, cut_after_think: bool):
-    """(kept length, supervised tokens) per sequence: ``sections.supervised_tokens`` in closed form."""
-    length = np.minimum(seqs.length, seqs.cot_end) if cut_after_think else seqs.length
-    keep = np.maximum(1, (length * trunc).astype(np.int64))  # floor, at least one token
-    if mode in ("lead", "left"):
-        start, end = np.zeros_like(length), keep
-    elif mode == "middle":
-        start = (length - keep) // 2
-        end = start + keep
-    elif mode == "right":
-        start, end = length - keep, length
-    else:  # random_labels: every token kept, n - round((1 - trunc) * n) of the labels
-        start, end = np.zeros_like(length), length
-    bounds = {"P": (0, seqs.cot_start), "CoT": (seqs.cot_start, seqs.cot_end), "A": (seqs.cot_end, seqs.length)}
-    first = start + 1  # the first kept token has no predecessor in the window: never a target
-    supervised = sum(np.clip(np.minimum(hi, end) - np.maximum(lo, first), 0, None)
-                     for lo, hi in (bounds[s] for s in dict.fromkeys(sections)))
-    if mode == "random_labels":
-        supervised = supervised - np.round((1.0 - trunc) * supervised).astype(np.int64)
-    return end - start, supervised
-
-
-# --------------------------------------------------------------------------- models and cost
-
-
-def pretrained_shape(name_or_path: str) -> ModelShape | None:
-    """From a local checkpoint's config.json, else from the built-in Qwen3 table, else None."""
-    config_file = Path(name_or_path).expanduser() / "config.json"
-    if config_file.is_file():
-        raw = json.loads(config_file.read_text())
-        return ModelShape.from_config(SimpleNamespace(**raw.get("text_config", raw)))
-    key = name_or_path.rstrip("/").split("/")[-1].lower().removesuffix("-base")
-    if key not in QWEN3_SHAPES:
-        return None
-    layers, hidden, heads, kv_heads, head_dim, intermediate, tied = QWEN3_SHAPES[key]
-    return ModelShape(layers, hidden, heads, kv_heads, head_dim, intermediate, QWEN3_VOCAB, tied)
-
-
-def parameter_count(shape: ModelShape) -> int:
-    """All parameters: matmul weights, embeddings (once if tied), RMSNorm weights (incl. q/k norms)."""
-    embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
-    norms = shape.n_layers * (2 * shape.hidden + 2 * shape.head_dim) + shape.hidden
-    return shape.n_layers * shape.layer_matmul_params() + embeddings + norms
-
-
-def peak_memory_bytes(student: ModelShape, teacher: ModelShape, weight_bytes: int, teacher_bytes: int,
-                      autocast: bool, micro_batch: int, max_len: int, max_supervised: int) -> int:
-    """Bytes one training process holds at its peak (treat as +-30%; no sharding, no checkpointing):
-
-    student      4 x w x parameters: weights, gradients, AdamW's two moments, in the weights' dtype
-                 (w = 4 for fp32, 2 for bf16), + 2 x matmul weights for autocast's bf16 copies of fp32
-    teacher      w_t x parameters: frozen, no gradients, no optimizer state
-    activations  b x T x layers x a x (4 d + 3 q + 3 kv + 4 f): what a Qwen3 layer saves for backward
-                 (two norm inputs, projection inputs, q/k-norm and SDPA inputs, SDPA output, four MLP
-                 tensors); a = 2 bytes under bf16 autocast, 4 in fp32; SDPA keeps no T x T scores
-    logits       b x V x (2 a T + 24 S): student and teacher logits over all positions, then ~24
-                 bytes of fp32 log-softmaxes, probabilities and gradient per supervised position
-    b micro-batch, T longest kept sequence, S its supervised tokens, d hidden, q = heads x head_dim,
-    kv = kv_heads x head_dim, f intermediate, V vocabulary.
-    """
-    act = 2 if autocast else 4
-    states = 4 * weight_bytes * parameter_count(student)
-    casts = 2 * student.matmul_params() if autocast and weight_bytes == 4 else 0
-    q, kv = student.n_heads * student.head_dim, student.n_kv_heads * student.head_dim
-    per_token_layer = act * (4 * student.hidden + 3 * q + 3 * kv + 4 * student.intermediate)
-    activations = micro_batch * max_len * student.n_layers * per_token_layer
-    logits = micro_batch * student.vocab * (2 * act * max_len + LOSS_BYTES_PER_LOGIT * max_supervised)
-    return states + casts + teacher_bytes * parameter_count(teacher) + activations + logits
-
-
-@functools.lru_cache(maxsize=None)
-def _sequence_flops(student: ModelShape, teacher: ModelShape, length: int) -> int:
-    return kd_step_flops(student, teacher, [length])["total"]
-
-
-# --------------------------------------------------------------------------- the plan
+__all__ = ["GridComposer", "PlanError", "Plan", "PlannedPoint", "make_plan", "format_plan", "write_csv", "main",
+           "point_tokens", "encoded_sequences", "estimated_sequences", "pretrained_shape", "parameter_count",
+           "peak_memory_bytes"]
 
 
 @dataclass
@@ -284,10 +50,24 @@ class PlannedPoint:
     tokens: float | None = None  # tokens the student trains on (real, unpadded), expected
     supervised: float | None = None  # positions in the loss, expected
     flops: float | None = None  # training FLOPs, student + teacher
-    peak_memory: int | None = None  # bytes, one training process
+    peak_memory: int | None = None  # bytes, one process holding everything (plan_memory.peak_memory_bytes)
+    memory_per_rank: int | None = None  # bytes per process with the launcher's processes (see plan_memory)
+    layout: RankLayout | None = None  # what memory_per_rank was computed for
+    processes: int = 1  # training processes the launcher gives the point
     exact_tokens: bool = True
+    lengths: str = ""  # where the lengths come from: tokenized | characters | assumed
+    lengths_detail: str = ""
     eval: EvalCost | None = None  # generation cost (kd_sweeps.plan_eval)
+    fit: Fit | None = None  # time, GPU-hours, verdict (kd_sweeps.plan_verdict)
+    folder: Path | None = None  # where its job writes result.json
+    done: str = ""  # "done" (result.json status ok), "trained" (its evaluation job pending), else ""
     warnings: list[str] = field(default_factory=list)  # will not stop the launch, may stop the point
+
+    def remaining_gpu_hours(self, part: str) -> float:
+        """GPU-hours still to spend on ``part`` (train / eval): none for what is done."""
+        if self.fit is None or self.done == "done" or (self.done == "trained" and part == "train"):
+            return 0.0
+        return getattr(self.fit, f"{part}_gpu_hours")
 
 
 @dataclass
@@ -295,6 +75,7 @@ class Plan:
     points: list[PlannedPoint]
     seconds: float = 0.0
     assumptions: EvalAssumptions = field(default_factory=EvalAssumptions)
+    hardware: Hardware = field(default_factory=Hardware)
 
     @property
     def problems(self) -> list[str]:
@@ -312,45 +93,33 @@ class Plan:
     def eval_total(self, key: str) -> float:
         return sum(getattr(p.eval, key) for p in self.points if p.eval is not None)
 
+    def gpu_hours(self, part: str, remaining: bool = False) -> float:
+        return sum(p.remaining_gpu_hours(part) if remaining else getattr(p.fit, f"{part}_gpu_hours")
+                   for p in self.points if p.fit is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def _sequence_flops(student: ModelShape, teacher: ModelShape, length: int) -> int:
+    return kd_step_flops(student, teacher, [length])["total"]
+
+
+def _done(folder: Path | None) -> str:
+    from kd_sweeps.tracking import read_result
+
+    record = read_result(folder) if folder is not None else None
+    status = (record or {}).get("status")
+    return "done" if status == "ok" else "trained" if status == "evaluating" else ""
+
 
 class _Estimator:
-    """Per-point cost; caches what many points share (encoded data, tokenizer, model shapes)."""
+    """Per-point cost; caches what many points share (sequences, model shapes)."""
 
     def __init__(self, assumed_lengths: tuple[int, int, int] | None = None,
-                 eval_assumptions: EvalAssumptions | None = None):
-        self.assumed_lengths = assumed_lengths  # (P, CoT, A) tokens where the data cannot be read
+                 eval_assumptions: EvalAssumptions | None = None, hardware: Hardware | None = None):
+        self.lengths = LengthFinder(assumed_lengths)
         self.eval_assumptions = eval_assumptions or EvalAssumptions()
-        self._sequences: dict[str, Sequences | Exception] = {}
+        self.hardware = hardware or Hardware()
         self._shapes: dict[str, ModelShape | None] = {}
-        self._tokenizer = None
-
-    def tokenizer(self):
-        if self._tokenizer is None:  # the embedded tokenizer, built in memory (no cache dir written)
-            from kd_sweeps.tokenizer import build_tokenizer
-
-            self._tokenizer = build_tokenizer()
-        return self._tokenizer
-
-    def sequences(self, cfg: DictConfig) -> Sequences:
-        embedded = cfg.model.student.source == "embedded"
-        key = json.dumps([embedded, OmegaConf.to_container(cfg.data, resolve=True)], sort_keys=True)
-        if key not in self._sequences:
-            try:
-                self._sequences[key] = (encoded_sequences(cfg.data, self.tokenizer()) if embedded
-                                        else estimated_sequences(cfg.data))
-            except Exception as err:  # reported on every point that uses these data
-                self._sequences[key] = self._assumed(cfg.data) if self.assumed_lengths else err
-        found = self._sequences[key]
-        if isinstance(found, Exception):
-            raise ValueError(f"training data: {type(found).__name__}: {found}")
-        return found
-
-    def _assumed(self, data_cfg) -> Sequences:
-        """Every sequence the same, with the given section lengths: data not at hand (a hub dataset
-        offline). Uniform lengths make the attention term a little low (mean T^2 >= (mean T)^2)."""
-        prompt, cot, answer = self.assumed_lengths
-        count = np.full(data_cfg.n_train or 10_000, 1, dtype=np.int64)  # only the count check uses it
-        return Sequences(count * (prompt + cot + answer), count * prompt, count * (prompt + cot), exact=False)
 
     def shape(self, spec) -> ModelShape | None:
         key = json.dumps(OmegaConf.to_container(spec, resolve=True), sort_keys=True)
@@ -358,12 +127,13 @@ class _Estimator:
             if spec.source == "embedded":
                 from kd_sweeps.models import qwen3_config, spec_dict
 
-                self._shapes[key] = ModelShape.from_config(qwen3_config(spec_dict(spec), self.tokenizer()))
+                tokenizer = self.lengths.embedded_tokenizer()
+                self._shapes[key] = ModelShape.from_config(qwen3_config(spec_dict(spec), tokenizer))
             else:
                 self._shapes[key] = pretrained_shape(spec.name_or_path)
         return self._shapes[key]
 
-    def fill(self, point: PlannedPoint, cfg: DictConfig, launcher_timeout_min: float | None = None) -> None:
+    def _shapes_of(self, point: PlannedPoint, cfg: DictConfig):
         shapes = {}
         for role in ("student", "teacher"):
             shapes[role] = self.shape(cfg.model[role])
@@ -375,7 +145,11 @@ class _Estimator:
         if student and teacher and student.vocab != teacher.vocab:
             point.problems.append(f"teacher vocabulary ({teacher.vocab}) differs from the student's "
                                   f"({student.vocab}); KD compares distributions over the same tokens")
-        seqs = self.sequences(cfg)
+        return student, teacher
+
+    def fill(self, point: PlannedPoint, cfg: DictConfig, launcher: LauncherFacts) -> None:
+        student, teacher = self._shapes_of(point, cfg)
+        seqs = self.lengths.sequences(cfg)
         lengths, supervised = point_tokens(seqs, cfg.trunc, cfg.truncation.mode, cfg.sections.include,
                                            cfg.truncation.cut_after_think)
         kept = supervised > 0  # sequences without a target are skipped by the run
@@ -401,18 +175,39 @@ class _Estimator:
                 0 if step_teacher is None else 2 * teacher.vocab * teacher.hidden)
             per_sequence -= head * float((lengths - supervised).sum())
         point.flops = sequences * per_sequence / len(lengths)
-        point.exact_tokens = seqs.exact
+        point.exact_tokens, point.lengths, point.lengths_detail = seqs.exact, seqs.source, seqs.detail
+        self._memory(point, cfg, student, teacher, seqs, lengths, supervised, launcher.processes)
+        # Evaluation prompts as long as the training prompts (the tokens before <think>) on average.
+        point.eval = eval_cost(cfg, student, float(seqs.cot_start.mean()), self.eval_assumptions,
+                               launcher.timeout_min, point.flops, launcher.processes)
+        limit_gib, kind = memory_limit(launcher, self.hardware)
+        point.fit = fit(point.memory_per_rank, limit_gib, kind, point.flops, point.eval.seconds,
+                        launcher.processes, self.hardware, launcher, cfg.eval)
+        if not point.fit.verdict.startswith("fits with"):  # requeued and resumed: the verdict says so
+            point.warnings += [w for w in [fit_warning(point.eval)] if w]
+
+    def _memory(self, point, cfg, student, teacher, seqs, lengths, supervised, processes: int) -> None:
+        """Sized for the longest kept sequence (assumed lengths: one of data.max_tokens tokens)."""
+        if seqs.longest is not None:
+            longest, longest_supervised = point_tokens(seqs.longest, cfg.trunc, cfg.truncation.mode,
+                                                       cfg.sections.include, cfg.truncation.cut_after_think)
+            max_len, max_supervised = int(longest.max()), int(longest_supervised.max())
+        else:
+            max_len, max_supervised = int(lengths.max()), int(supervised.max())
+        train = cfg.train
         # The student's master weights are fp32 always (models.load_pair); a pretrained teacher is
         # loaded in bf16 unless the run computes in fp32 (auto: assumed bf16, a cluster GPU).
         bf16 = train.precision != "fp32"
         teacher_weights = 4 if cfg.model.teacher.source == "embedded" or not bf16 else 2
-        point.peak_memory = peak_memory_bytes(student, teacher, 4, teacher_weights, bf16,
-                                              train.micro_batch_size or train.batch_size,
-                                              int(lengths.max()), int(supervised.max()))
-        # Evaluation prompts as long as the training prompts (the tokens before <think>) on average.
-        point.eval = eval_cost(cfg, student, float(seqs.cot_start.mean()), self.eval_assumptions,
-                               launcher_timeout_min, point.flops)
-        point.warnings += [w for w in [fit_warning(point.eval)] if w]
+        micro = train.micro_batch_size or max(1, train.batch_size // processes)
+        point.processes = processes
+        point.peak_memory = peak_memory_bytes(student, teacher, 4, teacher_weights, bf16, micro, max_len,
+                                              max_supervised)
+        point.layout = RankLayout(processes, micro, max_len, max_supervised, 2 if bf16 else 4, teacher_weights,
+                                  train.teacher_parallel == "shard", bool(train.activation_checkpointing),
+                                  train.loss_impl == "chunked")
+        point.memory_per_rank = point.peak_memory if processes == 1 else \
+            memory_per_rank_bytes(student, teacher, point.layout)
 
 
 def _one_line(err: Exception) -> str:
@@ -421,10 +216,11 @@ def _one_line(err: Exception) -> str:
 
 def make_plan(overrides: list[str], config_name: str = "config", config_dir: Path = CONF_DIR,
               assumed_lengths: tuple[int, int, int] | None = None,
-              eval_assumptions: EvalAssumptions | None = None) -> Plan:
+              eval_assumptions: EvalAssumptions | None = None, hardware: Hardware | None = None) -> Plan:
     """Expand, compose, validate and cost every point of ``launch.py -m <overrides>``.
-    ``assumed_lengths`` (P, CoT, A tokens) stand in for training data that cannot be read;
-    ``eval_assumptions`` set the generation length and speed the evaluation cost assumes."""
+    ``assumed_lengths`` (P, CoT, A tokens) stand in for training data that cannot be read (in place of
+    ``data.assumed_lengths``); ``eval_assumptions`` set the generation length and speed the
+    evaluation cost assumes; ``hardware`` the GPU memory and training FLOP/s."""
     from kd_sweeps.validation import ConfigError, validate
 
     started = time.perf_counter()
@@ -435,8 +231,9 @@ def make_plan(overrides: list[str], config_name: str = "config", config_dir: Pat
         raise
     except Exception as err:  # the command line itself: unknown key, bad syntax, missing group
         raise PlanError(_one_line(err)) from err
-    eval_assumptions = eval_assumptions or EvalAssumptions()
-    estimator = _Estimator(assumed_lengths, eval_assumptions)
+    hardware = hardware or Hardware()
+    eval_assumptions = eval_assumptions or EvalAssumptions(train_flops_per_s=hardware.train_flops_per_s)
+    estimator = _Estimator(assumed_lengths, eval_assumptions, hardware)
     points = []
     for index, overrides_of_point in enumerate(grid):
         point = PlannedPoint(index, list(overrides_of_point))
@@ -444,80 +241,14 @@ def make_plan(overrides: list[str], config_name: str = "config", config_dir: Pat
         try:
             with composer.composed(point.overrides) as cfg:
                 validate(cfg)
-                estimator.fill(point, cfg, composer.launcher_timeout_min(point.overrides))
+                point.folder = composer.point_dir(point.overrides, cfg)
+                point.done = _done(point.folder)
+                estimator.fill(point, cfg, composer.launcher(point.overrides))
         except ConfigError as err:
             point.problems += [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
         except Exception as err:
             point.problems.append(_one_line(err))
-    return Plan(points, time.perf_counter() - started, eval_assumptions)
-
-
-# --------------------------------------------------------------------------- output
-
-
-def _count(x: float | None) -> str:
-    if x is None:
-        return "-"
-    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def _gib(x: float | None) -> str:
-    return "-" if x is None else f"{x / 2**30:.3g} GiB"
-
-
-def format_plan(plan: Plan) -> str:
-    """One row per point (the overrides every point shares are printed once, above), then totals."""
-    shared = [o for o in plan.points[0].overrides if all(o in p.overrides for p in plan.points)] \
-        if len(plan.points) > 1 else []
-    rows = [["#", "overrides", "train tokens", "supervised", "train FLOPs", "peak memory",
-             "eval completions x tokens", "eval tokens", "eval FLOPs", "eval time", "eval time limit"]]
-    for p in plan.points:
-        ev = p.eval
-        rows.append([str(p.index), " ".join(o for o in p.overrides if o not in shared) or "(defaults)",
-                     _count(p.tokens) + ("" if p.exact_tokens else "~"), _count(p.supervised),
-                     "-" if p.flops is None else f"{p.flops:.3g}", _gib(p.peak_memory),
-                     "-" if ev is None else f"{ev.completions:,} x {ev.tokens_per_completion:,}",
-                     _count(ev and ev.tokens), "-" if ev is None else f"{ev.flops:.3g}",
-                     duration(ev and ev.seconds) + ("!" if p.warnings else ""),
-                     "-" if ev is None else "none" if ev.limit_s is None else duration(ev.limit_s)])
-    memories = [p.peak_memory for p in plan.points if p.peak_memory is not None]
-    rows.append(["", f"total ({len(plan.points)} points)", _count(plan.total("tokens")),
-                 _count(plan.total("supervised")), f"{plan.total('flops'):.3g}",
-                 f"max {_gib(max(memories))}" if memories else "-",
-                 f"{plan.eval_total('completions'):,.0f}", _count(plan.eval_total("tokens")),
-                 f"{plan.eval_total('flops'):.3g}", duration(plan.eval_total("seconds")), ""])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.insert(len(lines) - 1, "-" * len(lines[0]))
-    if shared:
-        lines.insert(0, f"every point: {' '.join(shared)}")
-    if any(not p.exact_tokens for p in plan.points):
-        lines.append(f"~ token counts estimated: from characters ({CHARS_PER_TOKEN} per token) or --lengths")
-    if any(p.warnings for p in plan.points):
-        lines.append("! the evaluation does not fit its job's time limit (warnings below)")
-    lines.append(plan.assumptions.describe())
-    return "\n".join(lines)
-
-
-def write_csv(plan: Plan, path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "overrides", "train_tokens", "supervised_tokens", "train_flops",
-                         "peak_memory_bytes", "tokens_exact", "eval_problems", "eval_completions",
-                         "eval_tokens_per_completion", "eval_tokens", "eval_flops", "eval_seconds",
-                         "eval_time_limit_s", "problems", "warnings"])
-        for p in plan.points:
-            ev = [None] * 7 if p.eval is None else [
-                p.eval.problems, p.eval.completions, p.eval.tokens_per_completion, p.eval.tokens,
-                p.eval.flops, p.eval.seconds, p.eval.limit_s]
-            writer.writerow([p.index, " ".join(p.overrides), p.tokens, p.supervised, p.flops,
-                             p.peak_memory, p.exact_tokens, *ev, " | ".join(p.problems),
-                             " | ".join(p.warnings)])
+    return Plan(points, time.perf_counter() - started, eval_assumptions, hardware)
 
 
 def _lengths(text: str) -> tuple[int, int, int]:
@@ -527,7 +258,7 @@ def _lengths(text: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kd_sweeps.plan", description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="the overrides of launch.py -m")
     parser.add_argument("-m", "--multirun", action="store_true", help="accepted and ignored, to paste commands")
@@ -535,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, help="also write one row per point to this CSV file")
     parser.add_argument("--lengths", type=_lengths, metavar="P,COT,A",
                         help="tokens of prompt, chain of thought and answer per sequence, assumed where "
-                             "the training data cannot be read (a hub dataset offline)")
+                             "the training data cannot be read (in place of data.assumed_lengths)")
+    machine = parser.add_argument_group("machines (kd_sweeps/plan_verdict.py)")
+    machine.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_MEMORY_GIB, metavar="GIB",
+                         help=f"memory of one GPU (default {DEFAULT_GPU_MEMORY_GIB:g}: an H100 80 GB)")
+    machine.add_argument("--train-flops-per-s", type=float, metavar="RATE",
+                         help="sustained training FLOP/s of ONE GPU; training time = FLOPs / (processes x "
+                              "RATE) (default 40%% of an H100's 989 TFLOP/s dense bf16)")
     evaluation = parser.add_argument_group("evaluation cost (kd_sweeps/plan_eval.py)")
     evaluation.add_argument("--eval-tokens", type=int, metavar="N",
                             help="generated tokens per completion to assume (e.g. a previous sweep's "
@@ -546,14 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--eval-tokens-per-s", type=float, default=DEFAULT_TOKENS_PER_S, metavar="RATE",
                             help="generated tokens per second of one point's evaluation, all completions "
                                  f"together (default {DEFAULT_TOKENS_PER_S:g}; measure your engine)")
-    evaluation.add_argument("--train-flops-per-s", type=float, metavar="RATE",
-                            help="sustained training FLOP/s: estimates training time, which the "
-                                 "evaluation in the same job (eval.separate_job=false) must share the "
-                                 "launcher's timeout_min with")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
+        hardware = Hardware(args.gpu_memory_gib, args.train_flops_per_s or Hardware().train_flops_per_s)
         assumptions = EvalAssumptions(args.eval_tokens, args.eval_fraction, args.eval_tokens_per_s,
-                                      args.train_flops_per_s)
+                                      hardware.train_flops_per_s)
+        if not args.gpu_memory_gib > 0:
+            raise ValueError(f"--gpu-memory-gib={args.gpu_memory_gib}: must be > 0")
     except ValueError as err:
         parser.error(str(err))
     # Planning never downloads: a hub dataset is used only if it is already in the local cache.
@@ -567,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         plan = make_plan(args.overrides, args.config_name, assumed_lengths=args.lengths,
-                         eval_assumptions=assumptions)
+                         eval_assumptions=assumptions, hardware=hardware)
     except PlanError as err:
         print(f"cannot expand the sweep: {err}", file=sys.stderr)
         return 2

@@ -15,8 +15,9 @@ fails however well it trained. Per point:
     wall time   = tokens / --eval-tokens-per-s (aggregate throughput of the engine; measure yours)
 
 The time limit the evaluation must fit: ``eval.job.timeout_min`` when ``eval.separate_job``,
-else the launcher's ``hydra.launcher.timeout_min`` minus the training time estimated from
-``--train-flops-per-s`` when given (without it the whole limit, so the check is optimistic).
+else the launcher's ``hydra.launcher.timeout_min`` minus the training time, training FLOPs /
+(processes x ``--train-flops-per-s``, a per-GPU rate; without a rate the whole limit, so the check
+is optimistic).
 The basic launcher has no limit: nothing to check.
 """
 
@@ -43,7 +44,7 @@ class EvalAssumptions:
     tokens: int | None = None  # generated tokens per completion; None: fraction x max_new_tokens
     fraction: float = DEFAULT_TOKEN_FRACTION
     tokens_per_s: float = DEFAULT_TOKENS_PER_S  # aggregate, all completions of a point together
-    train_flops_per_s: float | None = None  # sustained training FLOP/s; None: no training time
+    train_flops_per_s: float | None = None  # sustained training FLOP/s of one GPU; None: no training time
 
     def __post_init__(self) -> None:
         problems = []
@@ -77,7 +78,7 @@ class EvalAssumptions:
                  "      FLOPs per completion = prompt prefill + 2 x N_student per generated token "
                  "+ attention over the KV cache (kd_sweeps/cost.py)"]
         if self.train_flops_per_s is not None:
-            lines.append(f"      training at {self.train_flops_per_s:.3g} FLOP/s (--train-flops-per-s) "
+            lines.append(f"      training at {self.train_flops_per_s:.3g} FLOP/s per GPU (--train-flops-per-s) "
                          "shares the job's time limit with an evaluation in the same job")
         return "\n".join(lines)
 
@@ -125,15 +126,17 @@ def time_limit(cfg, launcher_timeout_min: float | None,
 
 
 def eval_cost(cfg, student: ModelShape, prompt_tokens: float, assumptions: EvalAssumptions,
-              launcher_timeout_min: float | None = None, train_flops: float | None = None) -> EvalCost:
-    """The evaluation cost of one composed point (formulas in the module docstring)."""
+              launcher_timeout_min: float | None = None, train_flops: float | None = None,
+              processes: int = 1) -> EvalCost:
+    """The evaluation cost of one composed point (formulas in the module docstring); ``processes``
+    train the point together (its training time divides by them)."""
     problems = sum(benchmark_problems(cfg.eval, cfg.data).values())
     completions = problems * cfg.eval.n_samples
     per_completion = assumptions.tokens_per_completion(cfg.eval.max_new_tokens)
     tokens = completions * per_completion
     flops = completions * generation_flops(student, round(prompt_tokens), per_completion)
     train_seconds = None if assumptions.train_flops_per_s is None or train_flops is None \
-        else train_flops / assumptions.train_flops_per_s
+        else train_flops / (processes * assumptions.train_flops_per_s)
     limit, source = time_limit(cfg, launcher_timeout_min, train_seconds)
     return EvalCost(problems, completions, per_completion, tokens, float(flops),
                     tokens / assumptions.tokens_per_s, limit, source, bool(cfg.eval.separate_job))

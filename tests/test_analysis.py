@@ -250,7 +250,7 @@ def test_plot_tradeoff_and_save(tmp_path):
     assert "Pareto frontier" in labels
     assert len(ax.containers) == 2  # one error-bar line per preset, failed preset absent
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "training FLOPs"
-    assert ax.get_ylabel() == "accuracy"
+    assert ax.get_ylabel() == "accuracy (%)"
     texts = [t.get_text() for t in ax.texts]
     assert sum(t.startswith("trunc=") for t in texts) == 4
     assert any("1 run failed" in t and "r_fail" in t for t in texts)

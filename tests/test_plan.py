@@ -214,7 +214,7 @@ def test_a_pretrained_pair_is_planned_from_the_table_and_estimated_lengths(tmp_p
     assert [p.flops for p in by_name.points] == [p.flops for p in by_path.points]
     # bf16 weights: 8 bytes per student parameter for weights, grads and AdamW, 2 per teacher one.
     assert by_name.points[1].peak_memory > 8 * 4.0e9 + 2 * 8.2e9
-    assert "~ token counts estimated" in planner.format_plan(by_name)
+    assert "estimated from characters" in planner.format_plan(by_name)
 
 
 def test_unknown_model_and_mismatched_vocabularies_are_problems():
@@ -249,4 +249,129 @@ def test_assumed_lengths_stand_in_for_data_that_cannot_be_read(tmp_path, capsys)
     sequences = 150 * 32  # train=tiny: max_steps x batch_size
     assert (half.tokens, full.tokens) == (sequences * 600, sequences * 1200)
     assert planner.main([*grid, "--lengths", "100,1000,100"]) == 0
-    assert "~ token counts estimated" in capsys.readouterr().out
+    assert "ASSUMED, not measured (--lengths: P 100, CoT 1,000, A 100 tokens" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the cluster question
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+PAPER = ["experiment=paper_truncation", "launcher=slurm_gpu_4b_8b"]
+FIXTURE_DATA = ["data=bespoke_stratos17k", "data.source=json", "eval=math", "data.n_train=3", "data.n_val=1",
+                "train.batch_size=2"]
+
+
+@pytest.fixture
+def plan_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KD_SWEEPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # the sweep folders (multirun/...) are looked up from here
+    return tmp_path / "cache" / "plan"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_plans_offline(experiment, plan_cache):
+    """Offline (no hub dataset in the HF cache here), the paper's experiments use the data preset's
+    assumed lengths, say so, and have no problem; the demo encodes its embedded data."""
+    result = planner.make_plan([f"experiment={experiment}", *(["data.n_train=500"] if "demo" in experiment else [])])
+    assert result.problems == []
+    sources = {p.lengths for p in result.points}
+    assert sources == ({"tokenized"} if experiment == "demo_tradeoff" else {"assumed"})
+    if experiment != "demo_tradeoff":
+        text = planner.format_plan(result)
+        assert "ASSUMED, not measured (data.assumed_lengths of data=bespoke_stratos17k" in text
+        assert "--lengths P,COT,A" in text and "measured and cached" in text
+
+
+def test_the_documented_plan_commands_run(plan_cache, capsys):
+    import re
+    import shlex
+
+    doc = (CONF.parent / "docs" / "launching.md").read_text()
+    section = doc[doc.index("## The plan"):]
+    commands = re.findall(r"^python -m kd_sweeps\.plan (.*experiment=.*)$", section, re.M)
+    assert len(commands) >= 2
+    for command in commands:
+        assert planner.main(shlex.split(command)) == 0, command
+    assert "Multiple values" not in capsys.readouterr().err
+
+
+def test_measured_lengths_are_cached_once_and_reused(plan_cache, monkeypatch):
+    from kd_sweeps import plan_lengths
+
+    grid = [*FIXTURE_DATA, f"data.path={CONF.parent / 'tests/fixtures/datasets/bespoke_stratos17k.jsonl'}"]
+    first = planner.make_plan(grid).points[0]
+    assert not first.problems and first.lengths == "tokenized" and first.lengths_detail.startswith("measured here")
+    files = list(plan_cache.glob("lengths-*.npz"))
+    assert len(files) == 1
+
+    def unreadable(*args, **kwargs):
+        raise AssertionError("the data were read again")
+
+    monkeypatch.setattr(plan_lengths, "encoded_sequences", unreadable)
+    again = planner.make_plan(grid).points[0]
+    assert again.lengths_detail == f"cached {files[0]}" and again.tokens == first.tokens
+    assert list(plan_cache.glob("lengths-*.npz")) == files
+
+
+def test_memory_and_time_verdicts_give_the_numbers(plan_cache):
+    from kd_sweeps.plan_verdict import Hardware
+
+    tight = planner.make_plan(PAPER, hardware=Hardware(gpu_memory_gib=20)).points[9]
+    gib = tight.memory_per_rank / 2**30
+    assert tight.processes == 4 and 25 < gib < 35  # docs/performance.md: 31.1 GB at 4,096 tokens
+    assert tight.fit.verdict == f"no: memory {gib:.3g} GiB/rank > 20 GiB" and not tight.fit.fits
+    # 2e18 FLOPs on 4 GPUs at 396 TFLOP/s: about 21 min of training, in 10-minute jobs.
+    requeued = planner.make_plan([*PAPER, "hydra.launcher.timeout_min=10"]).points[9]
+    assert 18 * 60 < requeued.fit.train_seconds < 24 * 60
+    assert requeued.fit.verdict.startswith("fits with 2 requeues (train)") and requeued.fit.fits
+    over = planner.make_plan([*PAPER, "hydra.launcher.timeout_min=4"]).points[9]
+    assert over.fit.verdict.startswith("no: train ~2") and "> 4 min limit (requeues: 3)" in over.fit.verdict
+    assert requeued.fit.train_gpu_hours == pytest.approx(4 * requeued.fit.train_seconds / 3600)
+
+
+def test_done_points_are_marked_and_left_out_of_what_remains(plan_cache, capsys):
+    import json
+
+    before = planner.make_plan(PAPER)
+    folder = before.points[9].folder
+    assert folder.parent == plan_cache.parent.parent / "multirun" / "paper_truncation" or \
+        str(folder.parent) == "multirun/paper_truncation"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"status": "ok"}))
+    after = planner.make_plan(PAPER)
+    assert [p.done for p in after.points] == [""] * 9 + ["done"]
+    assert after.gpu_hours("train") == before.gpu_hours("train")
+    assert after.gpu_hours("train", remaining=True) == pytest.approx(
+        before.gpu_hours("train") - before.points[9].fit.train_gpu_hours)
+    assert after.gpu_hours("eval", remaining=True) == pytest.approx(0.9 * before.gpu_hours("eval"))
+    assert "1 done" in planner.format_plan(after)
+
+
+def test_point_folders_are_hydras(tmp_path, monkeypatch):
+    """The folder the plan looks in is the one a real multirun names after each job's id."""
+    from kd_sweeps.identity import run_id
+
+    jobs = _hydra_multirun(["trunc=0.5,1.0"], tmp_path / "sweep", monkeypatch)
+    grid = ["trunc=0.5,1.0", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    composer = planner.GridComposer(grid)
+    dirs = []
+    for point in composer.points():
+        with composer.composed(point) as cfg:
+            dirs.append(composer.point_dir(point, cfg))
+    assert [d.parent for d in dirs] == [tmp_path / "sweep"] * 2
+    assert [d.name for d in dirs] == [run_id(job) for _, job in jobs]
+
+
+def test_the_benchmark_and_the_plan_use_one_memory_function(plan_cache):
+    import importlib.util
+
+    from kd_sweeps.plan_memory import RankLayout, memory_per_rank_bytes
+
+    spec = importlib.util.spec_from_file_location("memory_per_rank", CONF.parent / "benchmarks" / "memory_per_rank.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    student, teacher = bench.shapes()
+    assert sum(bench.per_rank(4, 4096, True).values()) * 1e9 == pytest.approx(
+        memory_per_rank_bytes(student, teacher, RankLayout(4, 1, 4096, 4096)), abs=1)
+    point = planner.make_plan(PAPER).points[9]  # trunc=1.0: one sequence of data.max_tokens
+    assert point.layout == RankLayout(4, 1, 4096, point.layout.max_supervised, 2, 2, True, True, True)
+    assert point.memory_per_rank == memory_per_rank_bytes(student, teacher, point.layout)

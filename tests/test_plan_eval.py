@@ -83,12 +83,18 @@ def test_training_shares_the_jobs_limit():
     # Its own job does not share with training.
     apart = eval_cost(_cfg(separate_job=True), TINY, 20, rated, launcher_timeout_min=60, train_flops=4e15)
     assert fit_warning(apart) is None
+    # The rate is per GPU: 4 processes train the same FLOPs in a quarter of the time (825 s).
+    shared = eval_cost(_cfg(), TINY, 20, rated, launcher_timeout_min=60, train_flops=3.3e15, processes=4)
+    assert shared.limit_s == pytest.approx(3600.0 - 825.0)
 
 
 def test_the_launchers_time_limit_per_point():
     composer = planner.GridComposer(["launcher=basic,local,slurm_gpu_4b_8b"])
     limits = [composer.launcher_timeout_min(point) for point in composer.points()]
     assert limits == [None, 240, 1440]
+    facts = [composer.launcher(point) for point in composer.points()]
+    assert [(f.kind, f.processes, f.requeues, f.gpus_per_node) for f in facts] == [
+        ("basic", 1, 0, None), ("local", 1, 0, 0), ("slurm", 4, 3, 4)]
     command_line = planner.GridComposer(["launcher=local", "hydra.launcher.timeout_min=7"])
     assert command_line.launcher_timeout_min(command_line.points()[0]) == 7
 
@@ -119,6 +125,9 @@ def test_plan_eval_numbers_and_csv(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "plan.csv")))
     assert [float(r["eval_flops"]) for r in rows] == [c.flops for c in costs]
     assert rows[0]["eval_tokens"] == "60000" and rows[0]["eval_time_limit_s"] == ""
+    assert (rows[0]["processes"], rows[0]["verdict"], rows[0]["done"]) == ("1", "fits", "False")
+    assert float(rows[0]["memory_per_rank_bytes"]) == plan.points[0].peak_memory  # one process: the same formula
+    assert float(rows[0]["eval_gpu_hours"]) == pytest.approx(60_000 / 50.0 / 3600)
 
 
 def test_a_bad_option_is_refused_before_planning(capsys):

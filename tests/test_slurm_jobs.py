@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.wandb_offline import find_runs, read_run, read_runs
+from analysis.wandb_offline import find_runs, is_summary, read_run, read_runs
 from kd_sweeps.wandb_naming import point_of_wandb_id
 from tests.conftest import ROOT
 from tests.test_end_to_end import FAST, point_results
@@ -99,7 +99,8 @@ def test_a_point_preempted_on_slurm_is_requeued_and_resumes_exactly(tmp_path):
     assert result["status"] == "ok" and result["run_id"] == point_of_wandb_id(expected_run.run_id)
 
     # Two attempts of one W&B run: the first stopped at step k, the second went on from its saved state.
-    first, second = sorted((read_run(f, read_history=True) for f in find_runs(sweep)), key=lambda r: r.start_time)
+    runs = [r for r in (read_run(f, read_history=True) for f in find_runs(sweep)) if not is_summary(r)]
+    first, second = sorted(runs, key=lambda r: r.start_time)
     assert first.run_id == second.run_id == result["wandb"]["id"]  # <point id>-<sweep>
     interrupted_at, resumed_from = max(_losses(first)), min(_losses(second))
     assert 5 <= interrupted_at < 119 and resumed_from == interrupted_at + 1
