@@ -170,6 +170,32 @@ def _cached_teacher(cfg: DictConfig, teacher, encoded, fingerprint: str, cache_d
     return train.CachedTeacher(cache), summary
 
 
+def _distill_source(cfg: DictConfig, tokenizer, teacher, student, encoded, examples, skipped, cache_dir: Path):
+    """distill.mode=sequence: the teacher's completions replace the traces (examples made again from
+    them); on_policy: the rollout maker the loop draws from. Returns (encoded, examples, skipped,
+    rollout or None, summary)."""
+    from kd_sweeps import distill
+    from kd_sweeps.generate import Sampling
+
+    d = cfg.distill
+    generator = distill.Generator(evaluate.stop_token_ids(tokenizer, student.model), tokenizer.pad_token_id,
+                                  data.marker_ids(tokenizer), Sampling(d.temperature, d.top_p, d.top_k), d.batch_size)
+    autocast = cfg.train.precision == "bf16"
+    if d.mode == "on_policy":
+        rollout = distill.OnPolicy(encoded, generator, tuple(cfg.sections.include), cfg.trunc,
+                                   cfg.truncation.cut_after_think, d.lmbda, cfg.seed,
+                                   ModelShape.from_config(student.model.config))
+        return encoded, examples, skipped, rollout, {}
+    folder, key = distill.sequences_folder(cache_dir, teacher.path, teacher_cache.dataset_fingerprint(encoded),
+                                           generator, d.max_new_tokens, cfg.seed)
+    encoded, summary = distill.teacher_sequences(teacher.model, encoded, generator, folder, key, d.max_new_tokens,
+                                                 cfg.data.max_tokens, cfg.seed,
+                                                 ModelShape.from_config(teacher.model.config), autocast)
+    examples, skipped = data.training_examples(encoded, cfg.sections.include, cfg.trunc, cfg.truncation.mode,
+                                               cfg.truncation.cut_after_think, cfg.seed)
+    return encoded, examples, skipped, None, summary
+
+
 def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env: distributed.DistEnv) -> dict:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -207,6 +233,10 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
                                         teacher=_ready_teacher_cache(cfg, tokenizer, fingerprint, cache_dir))
     if main_first and env.is_main:
         distributed.barrier(env)
+    rollout, distill_summary = None, {}
+    if cfg.distill.mode != "offline":  # before sharding: the teacher generates as a plain module
+        encoded, examples, skipped, rollout, distill_summary = _distill_source(
+            cfg, tokenizer, teacher, student, encoded, examples, skipped, cache_dir)
     if cfg.train.activation_checkpointing:  # each layer's activations are recomputed in backward
         distributed.enable_activation_checkpointing(student.model)
     # The model itself for one process; sharded, it computes in bf16 under train.precision=bf16.
@@ -238,7 +268,8 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
         elapsed = counters["train_time_s"] + time.perf_counter() - started
         totals = distributed.all_reduce_sum([getattr(meter, k) for k in meter_fields], env)  # all ranks'
         return {"train_time_s": elapsed, "last": counters.get("last", {}), **dict(zip(meter_fields, totals)),
-                **({"selection": selector.state()} if selector else {})}
+                **({"selection": selector.state()} if selector else {}),
+                **({"rollout": rollout.state()} if rollout else {})}
 
     def set_extra(extra: dict) -> None:
         counters["train_time_s"] = extra["train_time_s"]
@@ -247,6 +278,8 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
             setattr(meter, key, extra[key] if env.is_main else 0)
         if selector:
             selector.restore(extra["selection"])
+        if rollout:
+            rollout.restore(extra["rollout"])
 
     # With the evaluation in this job, the trained state is kept until it ends: an evaluation preempted
     # or out of time resumes (eval/<benchmark>.jsonl) without training again.
@@ -256,7 +289,8 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
         started = time.perf_counter()
         last = train.train_loop(student_model, teacher_model, examples, tokenizer.pad_token_id,
                                 loop_settings(cfg), loss_settings(cfg), device, on_step,
-                                desc=f"trunc={cfg.trunc} {cfg.sections.name}", resume=resume, dist=env)
+                                desc=f"trunc={cfg.trunc} {cfg.sections.name}", resume=resume, dist=env,
+                                rollout=rollout)
         train_time = counters["train_time_s"] + time.perf_counter() - started
         last = last or counters.get("last", {})  # resumed after the last step: no step ran here
     # Each rank metered its own micro-batches: the run's cost is their sum; memory, the busiest rank's.
@@ -280,6 +314,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     summary = {**meter.summary(), "train_time_s": train_time, "peak_memory_bytes": peak_memory,
                "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"),
                "final_kd_loss": last.get("kd_loss"), "examples_trained_on": len(examples),
+               "sequences_trained": cfg.train.max_steps * cfg.train.batch_size,  # drawn, with repeats over epochs
                "examples_skipped": skipped, "examples_too_long": stats.too_long,
                "examples_missing_markers": stats.missing_markers, "data_rows": data_rows,
                # the embedded models' accuracies from their preparation; eval.baselines replaces them below
@@ -290,6 +325,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
                "precision": cfg.train.precision, "train_steps": cfg.train.max_steps,
                "epochs_trained": cfg.train.max_steps * cfg.train.batch_size / len(examples)}
     summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
+    summary.update(distill_cost(cfg, rollout, distill_summary, summary["train_flops"], env))
     if not cfg.eval.separate_job:
         summary.update(evaluate_model(cfg, final, tokenizer, eval_sets, device, output_dir / "checkpoint"))
         final = None  # the references' models take its place
@@ -302,10 +338,29 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     return summary
 
 
+def distill_cost(cfg: DictConfig, rollout, distill_summary: dict, train_flops: float,
+                 env: distributed.DistEnv) -> dict:
+    """Generation next to training: the student's rollouts (every rank generates the whole global
+    batch alike, so the work done is world_size times one rank's), the teacher's cached completions
+    (what they cost to make, once), and the point's total FLOPs."""
+    out = {"distill_mode": cfg.distill.mode, **distill_summary}
+    if rollout is not None:
+        out.update({k: v * env.world_size if k in ("generation_flops", "generated_tokens") else v
+                    for k, v in rollout.state().items()})
+    out["total_flops"] = train_flops + out.get("generation_flops", 0) + out.get("sequence_generation_flops", 0)
+    return out
+
+
 def load_eval_sets(cfg: DictConfig) -> dict[str, list[dict]]:
-    """The evaluation problems of every benchmark in ``eval.benchmarks``."""
-    return {bench: data.load_records(cfg.data, "test")[: cfg.eval.n_problems] if bench == "synthetic"
+    """The evaluation problems of every benchmark in ``eval.benchmarks`` (at most ``eval.n_problems``;
+    a benchmark with fewer problems gives them all, and the log says so: ``eval/<bench>/n`` records it)."""
+    sets = {bench: data.load_records(cfg.data, "test")[: cfg.eval.n_problems] if bench == "synthetic"
             else evaluate.benchmark_records(bench, cfg.eval) for bench in cfg.eval.benchmarks}
+    for bench, problems in sets.items():
+        if len(problems) < cfg.eval.n_problems:
+            log.info("eval.n_problems=%d: %s has %d problems; all of them are evaluated", cfg.eval.n_problems,
+                     bench, len(problems))
+    return sets
 
 
 def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device, checkpoint: Path,

@@ -79,6 +79,21 @@ class TruncationConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Where the supervised sequences come from (kd_sweeps/distill.py, docs/recipe.md)."""
+
+    mode: str = "offline"  # offline (the dataset's traces) | sequence (the teacher's) | on_policy (the student's)
+    lmbda: float = 0.0  # on_policy: chance that a step trains on the student's own samples (GKD's lambda)
+    temperature: float = 1.0  # sampling of rollouts / teacher sequences; 0 = greedy
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    top_k: int = 0  # the k most likely tokens only; 0 = off
+    # sequence: new tokens per teacher completion at most; None = the dataset's longest completion
+    # (either way within data.max_tokens in all)
+    max_new_tokens: Optional[int] = None
+    batch_size: int = 64  # rows generated together (continuous batching)
+
+
+@dataclass
 class LossConfig:
     name: str = "forward_kl"  # forward_kl | reverse_kl | combined_kl | jsd | tvd | skew_kl | skew_reverse_kl
     kd_ratio: float = 0.5  # total = (1 - kd_ratio) * CE + kd_ratio * KD (paper default 0.5)
@@ -189,6 +204,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     truncation: TruncationConfig = field(default_factory=TruncationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     trunc: float = 1.0  # leading fraction of every sequence kept for training, in (0, 1]
     seed: int = 42  # model init, data order and sampling of this grid point
     sweep: str = "default"  # the sweep's name: W&B group and table title

@@ -22,7 +22,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -238,14 +238,15 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
                settings: LoopSettings, loss: LossSettings, device: torch.device,
                on_step: Optional[Callable[[int, dict, list], None]] = None,
                desc: str = "train", resume: Optional[Resume] = None,
-               dist: Optional[DistEnv] = None) -> dict:
+               dist: Optional[DistEnv] = None, rollout=None) -> dict:
     """Train ``student`` in place. ``on_step(step, metrics, micro_batches)`` is called after every
     optimizer step with, per micro-batch, its padded shape, real lengths and supervised-token count
     (logging and cost accounting live there). With ``resume``,
     a saved state is restored first and a preemption signal saves one and stops at a step boundary.
     With ``dist`` (several processes, student sharded by ``distributed.shard_student``) every rank
     trains on its slice of each global batch; metrics are global, ``micro_batches`` this rank's own.
-    Returns the last step's metrics."""
+    With ``rollout`` (``distill.OnPolicy``) a step it draws trains on the student's own samples of
+    the batch's prompts instead, on the divergence alone. Returns the last step's metrics."""
     dist = dist or DistEnv()
     distributed.micro_batch_size(settings.batch_size, settings.micro_batch_size, dist)  # fails before any step
     autocast = precision.resolve(settings.precision, device) == "bf16"
@@ -270,8 +271,14 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
         for step in range(first_step, settings.max_steps):
             epoch, batch_ids = next(batches)  # indices into examples, named if the loss is not finite
             chosen = [examples[i].for_epoch(epoch) for i in batch_ids]
-            metrics, shapes = _optimizer_step(student, teacher, chosen, pad_id, settings, loss, optimizer, schedule,
-                                              device, step, desc, dist, batch_ids, autocast=autocast)
+            sampled = rollout is not None and rollout.draws(step)
+            if sampled:  # the student's completions of these prompts, every rank alike
+                chosen = [r if r.n_supervised else e for r, e in
+                          zip(rollout.rollouts(student, chosen, step, autocast), chosen)]
+            metrics, shapes = _optimizer_step(student, teacher, chosen, pad_id, settings,
+                                              replace(loss, kd_ratio=1.0) if sampled else loss, optimizer,
+                                              schedule, device, step, desc, dist, batch_ids, autocast=autocast)
+            metrics["on_policy"] = float(sampled)
             if on_step is not None:
                 on_step(step, metrics, shapes)
             done = step + 1

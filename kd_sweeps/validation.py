@@ -306,6 +306,30 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _check_distill(cfg: DictConfig, issues: list[str]) -> None:
+    """distill.*: the mode, its sampling, and the combinations it refuses (docs/recipe.md)."""
+    from kd_sweeps.distill import MODES
+
+    dist = cfg.distill
+    _choice(issues, "distill.mode", dist.mode, MODES)
+    _unit_interval(issues, "distill.lmbda", dist.lmbda)
+    _positive(issues, "distill.temperature", dist.temperature, strict=False)
+    _unit_interval(issues, "distill.top_p", dist.top_p, open_left=True)
+    _positive(issues, "distill.top_k", dist.top_k, strict=False)
+    _positive(issues, "distill.batch_size", dist.batch_size)
+    if dist.max_new_tokens is not None:
+        _positive(issues, "distill.max_new_tokens", dist.max_new_tokens)
+    if dist.mode == "offline":
+        return
+    if cfg.train.teacher_cache != "none":  # the cache holds the dataset's sequences, not generated ones
+        generated = "rollouts sampled each step" if dist.mode == "on_policy" else "the teacher's completions"
+        issues.append(f"distill.mode={dist.mode} with train.teacher_cache={cfg.train.teacher_cache}: the top-k "
+                      f"cache scores the dataset's traces, not {generated}; use train.teacher_cache=none")
+    if dist.mode == "on_policy" and cfg.truncation.mode != "lead":
+        issues.append(f"distill.mode=on_policy with truncation.mode={cfg.truncation.mode}: a rollout is cut by "
+                      "its budget, the leading part (truncation.mode=lead); windows after token 0 have no rollout")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem in ``cfg`` (a composed, resolvable config)."""
     issues: list[str] = []
@@ -329,6 +353,7 @@ def validate(cfg: DictConfig) -> None:
     _check_models(cfg, issues)
     _check_data(cfg, issues)
     _check_train_eval(cfg, issues)
+    _check_distill(cfg, issues)
     _choice(issues, "logger.mode", cfg.logger.mode, LOGGER_MODES)
     _check_paths(cfg, issues)
     if issues:
