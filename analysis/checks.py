@@ -26,7 +26,8 @@ NOT_RESULT_KEYS = ("logger", "output_dir", "cache_dir", "sweep", "extra", "force
                    "eval.separate_job", "eval.batch_size", "data.num_proc", "train.num_threads",
                    "train.log_every", "train.checkpoint_every", "train.micro_batch_size",
                    "train.activation_checkpointing", "train.teacher_parallel", "model.name",
-                   "model.trust_remote_code", "trunc", "seed", "sections")
+                   "model.trust_remote_code", "trunc", "seed", "sections",
+                   "eval.baselines", "distill.batch_size", "data.assumed_lengths")
 # Config keys a COMPARABLE column already checks (analysis.load reads the column from there).
 COLUMN_KEYS = {"teacher": "model.teacher.name_or_path", "student": "model.student.name_or_path",
                "dataset": "data.name", "loss": "loss.name", "kd_ratio": "loss.kd_ratio",
@@ -103,6 +104,34 @@ def varying_keys(df: pd.DataFrame) -> list[str]:
     columns = [c for c in COMPARABLE if c in ok and ok[c].astype(str).nunique() > 1]
     keys = [k for k in result_keys() if setting_values(ok, k).dropna().nunique() > 1]
     return columns + keys
+
+
+# distill.mode (kd_sweeps/distill.py) as a config key and as the runs frame's column.
+DISTILL_KEY, DISTILL_COLUMN = "distill.mode", "distill_mode"
+
+
+def varies_distill(df: pd.DataFrame) -> bool:
+    """Whether the ok runs differ in distill.mode (offline / sequence / on_policy)."""
+    ok = ok_runs(df)
+    return DISTILL_COLUMN in ok and ok[DISTILL_COLUMN].dropna().nunique() > 1
+
+
+def sweep_curves(df: pd.DataFrame) -> list[str]:
+    """The group_by that draws a sweep one curve per varied setting: varying_keys, where a sweep over
+    distill.mode is split by its column (labels ``distill_mode=on_policy``) and the distill.* keys its
+    presets set along with the mode (lmbda, temperature) split no further where each mode has one
+    value of them. They stay result keys: check_comparable still refuses a mode whose runs differ."""
+    varying = varying_keys(df)
+    if DISTILL_KEY not in varying or DISTILL_COLUMN not in df:
+        return varying
+    ok = ok_runs(df)
+    mode = ok[DISTILL_COLUMN].astype(object).where(ok[DISTILL_COLUMN].notna(), "?")
+
+    def follows_mode(key: str) -> bool:
+        return bool((setting_values(ok, key).groupby(mode).nunique(dropna=False) <= 1).all())
+
+    rest = [k for k in varying if k != DISTILL_KEY and not (k.startswith("distill.") and follows_mode(k))]
+    return [DISTILL_COLUMN, *rest]
 
 
 def ok_runs(df: pd.DataFrame) -> pd.DataFrame:

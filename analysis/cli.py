@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "every one found in a local SOURCE); repeatable")
         sub.add_argument("--group-by", nargs="+", default=None, metavar="COLUMN",
                          help="split curves by these columns, e.g. loss teacher")
-    tradeoff.add_argument("--x", default="train_flops", help="cost column (log x axis)")
+    tradeoff.add_argument("--x", default=None,
+                          help="cost column (log x axis; default train_flops, or total_flops where the "
+                               "runs differ in distill.mode: training + generation)")
     tradeoff.add_argument("--y", default="accuracy", help="metric column")
     paper.add_argument("--sections-trunc", type=float, default=1.0,
                        help="trunc at which the section figure compares presets (default 1.0)")
@@ -136,7 +138,9 @@ def run_tradeoff(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
 
     paths = write_table(summary_table(df), args.out, "summary", summary_frame(df))
     print(unfinished_note(df), end="")
-    fig = figure_tradeoff(df, missing, args.group_by, x=args.x, y=args.y)
+    from analysis.plots import cost_column
+
+    fig = figure_tradeoff(df, missing, args.group_by, x=args.x or cost_column(df), y=args.y)
     return paths + save_figure(fig, args.out, "tradeoff")
 
 
@@ -174,13 +178,14 @@ def run_paper(df: pd.DataFrame, args, missing: list[str]) -> list[Path]:
     from analysis.example import figure_of
     from analysis.figures import (figure_generation, figure_sections, figure_tradeoff,
                                   figure_truncation)
-    from analysis.plots import save_figure
+    from analysis.plots import cost_column, save_figure
     from analysis.tables import paper_frame, paper_table
     from analysis.windows import figure_windows, varies_windows
 
     paths = write_table(paper_table(df, args.group_by), args.out, "accuracy",
                         paper_frame(df, args.group_by))
-    paths += save_figure(figure_tradeoff(df, missing, args.group_by), args.out, "tradeoff")
+    fig = figure_tradeoff(df, missing, args.group_by, x=cost_column(df))
+    paths += save_figure(fig, args.out, "tradeoff")
     try:
         fig = figure_sections(df, args.sections_trunc, missing, args.group_by)
         paths += save_figure(fig, args.out, "sections")
@@ -207,6 +212,17 @@ def _split_windows(df: pd.DataFrame, args) -> None:
         print(f"runs differ in truncation.mode: one curve per mode (--group-by {' '.join(args.group_by)})")
 
 
+def _split_distill(df: pd.DataFrame, args) -> None:
+    """Runs that differ in distill.mode are drawn one curve per mode (checks.sweep_curves), as the
+    end-of-sweep summary draws them, at their total FLOPs by default."""
+    from analysis.checks import DISTILL_COLUMN, DISTILL_KEY, varies_distill
+
+    grouped = args.group_by or []
+    if varies_distill(df) and DISTILL_COLUMN not in grouped and DISTILL_KEY not in grouped:
+        args.group_by = [*grouped, DISTILL_COLUMN]
+        print(f"runs differ in distill.mode: one curve per mode (--group-by {' '.join(args.group_by)})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -226,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         df = load(args.source, group=args.group, tags=args.tags, state=args.state)
         grid = grid_report(df, args.source, args.sweep_dir)
         _split_windows(df, args)
+        _split_distill(df, args)
         check_comparable(df, args.group_by)  # refuse before writing anything
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -200,7 +200,13 @@ def sweep_dirs(root) -> list[Path]:
     """Directories at or below root holding a multirun.yaml (one per sweep)."""
     root = Path(root)
     found = [root] if (root / MULTIRUN_FILE).is_file() else []
-    return found + sorted(p.parent for p in root.rglob(f"*/{MULTIRUN_FILE}"))
+    found += sorted(p.parent for p in root.rglob(f"*/{MULTIRUN_FILE}"))
+    unique: dict[Path, Path] = {}  # a sweep reached again through a link (even one that loops) is one
+    for folder in found:
+        real = folder.resolve()
+        if real not in unique or folder.absolute() == real:  # named by its own path where it is reached so
+            unique[real] = folder
+    return list(unique.values())
 
 
 def _norm(value: Any) -> Any:

@@ -59,6 +59,15 @@ COLUMNS: dict[str, str] = {
     "teacher_accuracy": "float64",
     "base_accuracy": "float64",
     "max_new_tokens": "Int64",  # eval.max_new_tokens: the limit a completion that never stops hits
+    # Where the supervised sequences came from (distill.mode: offline | sequence | on_policy) and what
+    # generating them cost (kd_sweeps/distill.py): the student's on-policy rollouts (FLOPs, tokens),
+    # the teacher's cached sequences (their full cost, once, on every point that trains on them), and
+    # total_flops = train_flops + both, the cost to compare modes at. NaN for runs that predate them.
+    "distill_mode": "string",
+    "generation_flops": "float64",
+    "generated_tokens": "Int64",
+    "sequence_generation_flops": "float64",
+    "total_flops": "float64",
     # Every config key that can change a result (analysis.checks.result_keys), as JSON: runs of one
     # curve must agree on all of them (checks.check_comparable).
     "settings": "string",
@@ -94,10 +103,12 @@ _CONFIG_PATHS: dict[str, tuple[str, ...]] = {
     "dataset": ("data", "name"),
     "seed": ("seed",),
     "max_new_tokens": ("eval", "max_new_tokens"),
+    "distill_mode": ("distill", "mode"),
 }
 _SUMMARY_COLUMNS = [c for c in COLUMNS if c.startswith(("train_", "peak_", "tokens_", "examples_"))]
 _SUMMARY_COLUMNS += ["accuracy", "accuracy_stderr", "finished_rate", "gen_tokens_mean",
-                     "teacher_accuracy", "base_accuracy"]
+                     "teacher_accuracy", "base_accuracy", "generation_flops", "generated_tokens",
+                     "sequence_generation_flops", "total_flops"]
 
 # W&B run states mapped onto result.json statuses; others (crashed, running) are kept.
 _WANDB_STATUS = {"finished": "ok", "failed": "failed"}
@@ -199,6 +210,8 @@ def _row(record: Mapping) -> dict[str, Any]:
     row.update({col: _get(config, path) for col, path in _CONFIG_PATHS.items()})
     row["settings"] = settings_json(config)
     row.update({col: summary.get(col) for col in _SUMMARY_COLUMNS})
+    if row["distill_mode"] is None:  # a config flattened without it: the summary records it too
+        row["distill_mode"] = summary.get("distill_mode")
     for bench, metric, value in _benchmark_items(summary):
         row[f"{_ALL_METRICS[metric][0]}_{bench}"] = value
     return row

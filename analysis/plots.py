@@ -20,6 +20,9 @@ from analysis.stats import pareto_front
 
 AXIS_LABELS = {
     "train_flops": "training FLOPs",
+    "total_flops": "total FLOPs (training + generation)",
+    "generation_flops": "generation FLOPs (on-policy rollouts)",
+    "sequence_generation_flops": "generation FLOPs (teacher sequences)",
     "train_time_s": "training time (s)",
     "peak_memory_bytes": "peak memory (bytes)",
     "tokens_trained": "tokens trained",
@@ -28,6 +31,15 @@ AXIS_LABELS = {
 }
 MAX_LISTED_IDS = 12  # keeps the footnote to a line or two
 LEVEL = 0.95  # confidence level of every error bar drawn (stats.interval)
+
+
+def cost_column(df: pd.DataFrame) -> str:
+    """The x of a tradeoff: ``total_flops`` where the runs differ in distill.mode, so each mode is
+    drawn at its full cost (training + the student's rollouts or the teacher's sequences: generation
+    is what on-policy and sequence-level KD pay for), else ``train_flops``."""
+    from analysis.checks import varies_distill
+
+    return "total_flops" if varies_distill(df) else "train_flops"
 
 
 def is_accuracy(column: str) -> bool:

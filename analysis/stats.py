@@ -9,7 +9,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-RETAINED_BY = ("sections", "teacher", "student", "dataset", "truncation_mode", "loss")
+# What a run shares with its trunc=1.0 reference (the same setting, distill mode included, but trunc).
+RETAINED_BY = ("sections", "teacher", "student", "dataset", "truncation_mode", "loss", "distill_mode")
 FULL_TRUNC = 1.0
 
 

@@ -19,6 +19,7 @@ RETAINED = "% of trunc=1.0 accuracy retained"
 OF_TEACHER = "% of teacher accuracy"
 FINISHED = "finished (%)"  # completions that ended with a stop token before eval.max_new_tokens
 GEN_TOKENS = "gen tokens (mean)"  # generated tokens per completion, over benchmarks
+GEN_FLOPS = "gen FLOPs"  # generating the training sequences: on-policy rollouts, teacher sequences
 # Below this share of completions ending with a stop token, a point mostly ran to eval.max_new_tokens
 # (a student that did not learn to stop): unfinished_note names it under the table.
 UNFINISHED_NOTE_BELOW = 0.5
@@ -30,10 +31,10 @@ ROLES = {"teacher": "teacher", "base": "base_student"}
 # Config columns every CSV row carries (identifiers and settings), in this order.
 CSV_SETTINGS = ("sweep", "run_id", "seed", "sections", "sections_include", "trunc",
                 "truncation_mode", "cut_after_think", "loss", "kd_ratio", "temperature",
-                "teacher", "student", "dataset")
+                "teacher", "student", "dataset", "distill_mode")
 # Settings that, when they differ between runs, must be shown or rows would look identical.
-_VARYING = ("teacher", "student", "dataset", "truncation_mode", "cut_after_think", "loss",
-            "kd_ratio", "temperature", "seed")
+_VARYING = ("teacher", "student", "dataset", "distill_mode", "truncation_mode", "cut_after_think",
+            "loss", "kd_ratio", "temperature", "seed")
 
 
 def _accuracy_text(acc: Any, err: Any) -> str | None:
@@ -42,6 +43,16 @@ def _accuracy_text(acc: Any, err: Any) -> str | None:
     if pd.isna(err):
         return f"{100 * acc:.1f}"
     return f"{100 * acc:.1f} ± {100 * err:.1f}"
+
+
+def generation_flops(runs: pd.DataFrame) -> pd.Series:
+    """FLOPs each run spent generating what it trained on: the student's on-policy rollouts plus the
+    teacher's sequences (their full cost, kd_sweeps/distill.py); 0 for a run that records its
+    total_flops but neither (offline), NaN for runs that predate them."""
+    rollouts = numeric_column(runs, "generation_flops").astype(float)
+    sequences = numeric_column(runs, "sequence_generation_flops").astype(float)
+    known = rollouts.notna() | sequences.notna() | numeric_column(runs, "total_flops").notna()
+    return (rollouts.fillna(0) + sequences.fillna(0)).where(known)
 
 
 def summary_table(df: pd.DataFrame, latest: pd.Series | None = None) -> pd.DataFrame:
@@ -74,6 +85,9 @@ def summary_table(df: pd.DataFrame, latest: pd.Series | None = None) -> pd.DataF
         if col in ok and ok[col].astype(object).nunique(dropna=False) > 1:
             table[col] = ok[col]
     table["train FLOPs"] = numeric_column(ok, "train_flops")
+    generated = generation_flops(ok)
+    if (generated > 0).any():  # a sweep with on-policy or sequence-level KD in it
+        table[GEN_FLOPS] = generated
     table["train time (s)"] = numeric_column(ok, "train_time_s").round(1)
     memory = numeric_column(ok, "peak_memory_bytes").astype(float)
     table["peak memory (MiB)"] = (memory / MIB).round(1)
@@ -118,8 +132,11 @@ def unfinished_note(df: pd.DataFrame) -> str:
         return ""
     low = low.sort_values(["sections", "trunc"], na_position="last", kind="stable")  # table order
     tokens = numeric_column(low, "gen_tokens_mean")
-    points = [f"trunc={t:g} sections={s} ({100 * r:.0f}% finished, {n:.0f} tokens per completion)"
-              for t, s, r, n in zip(low["trunc"], low["sections"], rate[low.index], tokens)]
+    # the other keys the runs differ in (a mode, a loss) tell apart points of the same trunc and sections
+    varying = [c for c in ("distill_mode", "truncation_mode", "loss") if c in ok and ok[c].nunique() > 1]
+    points = [f"trunc={t:g} sections={s}{''.join(f' {c}={row[c]}' for c in varying)} "
+              f"({100 * r:.0f}% finished, {n:.0f} tokens per completion)"
+              for (_, row), t, s, r, n in zip(low.iterrows(), low["trunc"], low["sections"], rate[low.index], tokens)]
     return (f"\nfewer than {UNFINISHED_NOTE_BELOW:.0%} of completions stopped before "
             "eval.max_new_tokens at: " + "; ".join(points) + "\n")
 
@@ -193,6 +210,13 @@ def summary_frame(df: pd.DataFrame, latest: pd.Series | None = None) -> pd.DataF
     out = _csv_settings(ok)
     out.insert(0, "role", "grid_point")
     out["train_flops"] = numeric_column(ok, "train_flops").astype(float)
+    # Generation (distill.mode on_policy: the student's rollouts; sequence: the teacher's sequences,
+    # their full cost) and the point's total (training + both); 0 where a run generated nothing.
+    known = numeric_column(ok, "total_flops").notna()
+    for col in ("generation_flops", "sequence_generation_flops"):
+        values = numeric_column(ok, col).astype(float)
+        out[col] = values.where(values.notna() | ~known, 0.0)
+    out["total_flops"] = numeric_column(ok, "total_flops").astype(float)
     out["train_time_s"] = numeric_column(ok, "train_time_s").astype(float)
     out["peak_memory_mib"] = (numeric_column(ok, "peak_memory_bytes").astype(float) / MIB).round(3)
     for col in ("tokens_trained", "tokens_supervised"):

@@ -8,7 +8,8 @@ The grid is expanded by Hydra's own override parser and basic sweeper (kd_sweeps
 every point is composed as its job would be and validated, and every problem is listed with its
 point. Nothing is launched, no model is built. Lengths: kd_sweeps/plan_lengths.py; FLOPs:
 kd_sweeps.cost; memory: kd_sweeps/plan_memory.py; evaluation: kd_sweeps/plan_eval.py; verdicts:
-kd_sweeps/plan_verdict.py. docs/launching.md derives each.
+kd_sweeps/plan_verdict.py; generation (distill.mode): kd_sweeps/plan_distill.py. docs/launching.md
+derives each.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from kd_sweeps.cost import ModelShape, kd_step_flops
+from kd_sweeps.plan_distill import GenerationCost, generation_cost, total_generation_flops
 from kd_sweeps.plan_eval import (DEFAULT_TOKEN_FRACTION, DEFAULT_TOKENS_PER_S, EvalAssumptions, EvalCost, eval_cost,
                                  fit_warning)
 from kd_sweeps.plan_format import format_plan, write_csv
@@ -50,6 +52,7 @@ class PlannedPoint:
     tokens: float | None = None  # tokens the student trains on (real, unpadded), expected
     supervised: float | None = None  # positions in the loss, expected
     flops: float | None = None  # training FLOPs, student + teacher
+    generation: GenerationCost | None = None  # distill.mode's rollouts or teacher sequences
     peak_memory: int | None = None  # bytes, one process holding everything (plan_memory.peak_memory_bytes)
     memory_per_rank: int | None = None  # bytes per process with the launcher's processes (see plan_memory)
     layout: RankLayout | None = None  # what memory_per_rank was computed for
@@ -62,6 +65,10 @@ class PlannedPoint:
     folder: Path | None = None  # where its job writes result.json
     done: str = ""  # "done" (result.json status ok), "trained" (its evaluation job pending), else ""
     warnings: list[str] = field(default_factory=list)  # will not stop the launch, may stop the point
+
+    @property
+    def generation_flops(self) -> float | None:
+        return None if self.generation is None else self.generation.flops
 
     def remaining_gpu_hours(self, part: str) -> float:
         """GPU-hours still to spend on ``part`` (train / eval): none for what is done."""
@@ -89,6 +96,10 @@ class Plan:
 
     def total(self, key: str) -> float:
         return sum(getattr(p, key) or 0 for p in self.points)
+
+    def generation_total(self) -> float:
+        """Generation FLOPs of the sweep: a build of teacher sequences shared by points counted once."""
+        return total_generation_flops([p.generation for p in self.points])
 
     def eval_total(self, key: str) -> float:
         return sum(getattr(p.eval, key) for p in self.points if p.eval is not None)
@@ -175,13 +186,18 @@ class _Estimator:
                 0 if step_teacher is None else 2 * teacher.vocab * teacher.hidden)
             per_sequence -= head * float((lengths - supervised).sum())
         point.flops = sequences * per_sequence / len(lengths)
+        point.generation = generation_cost(cfg, student, teacher, seqs, kept, steps, launcher.processes)
+        # The job's work at the training rate (time = work / (processes x rate)): generation next to
+        # training; the teacher's sequences are built on one process while the others wait, so they
+        # take as long as processes x their FLOPs would shared.
+        work = point.flops + point.generation.flops + (launcher.processes - 1) * point.generation.serial_flops
         point.exact_tokens, point.lengths, point.lengths_detail = seqs.exact, seqs.source, seqs.detail
         self._memory(point, cfg, student, teacher, seqs, lengths, supervised, launcher.processes)
         # Evaluation prompts as long as the training prompts (the tokens before <think>) on average.
         point.eval = eval_cost(cfg, student, float(seqs.cot_start.mean()), self.eval_assumptions,
-                               launcher.timeout_min, point.flops, launcher.processes)
+                               launcher.timeout_min, work, launcher.processes)
         limit_gib, kind = memory_limit(launcher, self.hardware)
-        point.fit = fit(point.memory_per_rank, limit_gib, kind, point.flops, point.eval.seconds,
+        point.fit = fit(point.memory_per_rank, limit_gib, kind, work, point.eval.seconds,
                         launcher.processes, self.hardware, launcher, cfg.eval)
         if not point.fit.verdict.startswith("fits with"):  # requeued and resumed: the verdict says so
             point.warnings += [w for w in [fit_warning(point.eval)] if w]

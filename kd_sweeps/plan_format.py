@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from kd_sweeps.plan_distill import describe as describe_generation
 from kd_sweeps.plan_eval import duration
 from kd_sweeps.plan_lengths import CHARS_PER_TOKEN
 
-CSV_COLUMNS = ["index", "overrides", "train_tokens", "supervised_tokens", "train_flops", "peak_memory_bytes",
-               "memory_per_rank_bytes", "processes", "tokens_exact", "lengths", "train_seconds", "eval_problems",
+CSV_COLUMNS = ["index", "overrides", "train_tokens", "supervised_tokens", "train_flops", "generation_flops",
+               "peak_memory_bytes", "memory_per_rank_bytes", "processes", "tokens_exact", "lengths", "train_seconds", "eval_problems",
                "eval_completions", "eval_tokens_per_completion", "eval_tokens", "eval_flops", "eval_seconds",
                "eval_time_limit_s", "train_gpu_hours", "eval_gpu_hours", "done", "verdict", "folder", "problems",
                "warnings"]
@@ -43,12 +44,16 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def _row(p, shared: list[str]) -> list[str]:
+def _flops(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _row(p, shared: list[str], generation: bool) -> list[str]:
     ev, fit = p.eval, p.fit
     return [str(p.index), " ".join(o for o in p.overrides if o not in shared) or "(defaults)",
             p.lengths or "-", _count(p.tokens) + ("" if p.exact_tokens or p.tokens is None else "~"),
-            _count(p.supervised), "-" if p.flops is None else f"{p.flops:.3g}", str(p.processes),
-            _gib(p.memory_per_rank), duration(fit and fit.train_seconds),
+            _count(p.supervised), _flops(p.flops), *([_flops(p.generation_flops)] if generation else []),
+            str(p.processes), _gib(p.memory_per_rank), duration(fit and fit.train_seconds),
             "-" if ev is None else f"{ev.completions:,} x {ev.tokens_per_completion:,}", _count(ev and ev.tokens),
             duration(ev and ev.seconds) + ("!" if p.warnings else ""),
             "-" if ev is None else "none" if ev.limit_s is None else duration(ev.limit_s),
@@ -59,15 +64,19 @@ def _row(p, shared: list[str]) -> list[str]:
 def _table(plan) -> list[str]:
     shared = [o for o in plan.points[0].overrides if all(o in p.overrides for p in plan.points)] \
         if len(plan.points) > 1 else []
-    rows = [["#", "overrides", "lengths", "train tokens", "supervised", "train FLOPs", "procs", "memory/rank",
+    # distill.mode on_policy / sequence: the generation's FLOPs, in the training time and GPU-hours.
+    generation = any(p.generation_flops for p in plan.points)
+    rows = [["#", "overrides", "lengths", "train tokens", "supervised", "train FLOPs",
+             *(["gen FLOPs"] if generation else []), "procs", "memory/rank",
              "train time", "eval completions x tokens", "eval tokens", "eval time", "eval limit",
              "GPU-h train", "GPU-h eval", "done", "verdict"]]
-    rows += [_row(p, shared) for p in plan.points]
+    rows += [_row(p, shared, generation) for p in plan.points]
     memories = [p.memory_per_rank for p in plan.points if p.memory_per_rank is not None]
     done = sum(1 for p in plan.points if p.done == "done")
     fits = sum(1 for p in plan.points if p.fit is not None and p.fit.fits)
     rows.append(["", f"total ({len(plan.points)} points)", "", _count(plan.total("tokens")),
-                 _count(plan.total("supervised")), f"{plan.total('flops'):.3g}", "",
+                 _count(plan.total("supervised")), f"{plan.total('flops'):.3g}",
+                 *([f"{plan.generation_total():.3g}"] if generation else []), "",
                  f"max {_gib(max(memories))}" if memories else "-", "",
                  f"{plan.eval_total('completions'):,.0f}", _count(plan.eval_total("tokens")),
                  duration(plan.eval_total("seconds")), "",
@@ -109,6 +118,9 @@ def _notes(plan) -> list[str]:
                  "teacher per train.teacher_parallel, train.activation_checkpointing and train.loss_impl as set "
                  "(plan_memory.memory_per_rank, the table of benchmarks/memory_per_rank.py)")
     notes.append(plan.hardware.describe())
+    generation = describe_generation([p.generation for p in plan.points])
+    if generation:
+        notes.append(generation)
     if any(p.fit is not None and "requeue" in p.fit.verdict for p in plan.points):
         notes.append("requeues: a Slurm point past hydra.launcher.timeout_min is requeued up to "
                      "hydra.launcher.max_num_timeout times and resumes from the state it saved on the warning "
@@ -141,8 +153,8 @@ def write_csv(plan, path: Path) -> None:
                 p.eval.problems, p.eval.completions, p.eval.tokens_per_completion, p.eval.tokens,
                 p.eval.flops, p.eval.seconds, p.eval.limit_s]
             fit = [None] * 2 if p.fit is None else [p.fit.train_gpu_hours, p.fit.eval_gpu_hours]
-            writer.writerow([p.index, " ".join(p.overrides), p.tokens, p.supervised, p.flops, p.peak_memory,
-                             p.memory_per_rank, p.processes, p.exact_tokens, p.lengths,
+            writer.writerow([p.index, " ".join(p.overrides), p.tokens, p.supervised, p.flops, p.generation_flops,
+                             p.peak_memory, p.memory_per_rank, p.processes, p.exact_tokens, p.lengths,
                              None if p.fit is None else p.fit.train_seconds, *ev, *fit, p.done == "done",
                              None if p.fit is None else p.fit.verdict, p.folder, " | ".join(p.problems),
                              " | ".join(p.warnings)])
