@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-from analysis.load import runs_frame, wandb_status
+from analysis.frame import runs_frame, wandb_status
 
 log = logging.getLogger(__name__)
 

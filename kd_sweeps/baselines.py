@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,11 +42,10 @@ def baseline_folder(cfg: DictConfig, role: str, model_path: str) -> Path:
     return Path(cfg.cache_dir).expanduser() / "baselines" / f"{role}-{key}"
 
 
-def measure(cfg: DictConfig, role: str, model_path: str, tokenizer, device, eval_sets: dict,
-            evaluate_model: Callable[..., dict]) -> dict | None:
-    """The evaluation summary of the untrained ``role`` model (``evaluate_model``'s keys: the function
-    that evaluates the grid points), from the cache or measured now; None when another process is
-    measuring it at this moment."""
+def measure(cfg: DictConfig, role: str, model_path: str, tokenizer, device, eval_sets: dict) -> dict | None:
+    """The evaluation summary of the untrained ``role`` model (``evaluate.evaluate_model``'s keys: the
+    function that evaluates the grid points), from the cache or measured now; None when another
+    process is measuring it at this moment."""
     from filelock import FileLock, Timeout
 
     from kd_sweeps import evaluate, selection
@@ -66,7 +64,8 @@ def measure(cfg: DictConfig, role: str, model_path: str, tokenizer, device, eval
             engine = evaluate.resolve_engine(cfg.eval.engine, device)
             model = None if engine == "vllm" else selection.load_checkpoint(Path(model_path), device,
                                                                             cfg.model.attn_implementation)
-            summary = evaluate_model(cfg, model, tokenizer, eval_sets, device, Path(model_path), folder / "eval")
+            summary = evaluate.evaluate_model(cfg, model, tokenizer, eval_sets, device, Path(model_path),
+                                              folder / "eval")
             summary.update(model=str(model_path), seconds=time.perf_counter() - started, eval_engine=engine)
             write_json_atomic(done, summary)
             log.info("reference %s (%s): accuracy %.3f, measured in %.0f s", role, model_path,
@@ -77,13 +76,12 @@ def measure(cfg: DictConfig, role: str, model_path: str, tokenizer, device, eval
         return None
 
 
-def reference_summary(cfg: DictConfig, paths: dict[str, str], tokenizer, device, eval_sets: dict,
-                      evaluate_model: Callable[..., dict]) -> dict:
+def reference_summary(cfg: DictConfig, paths: dict[str, str], tokenizer, device, eval_sets: dict) -> dict:
     """``base_accuracy`` / ``teacher_accuracy`` (+ ``_stderr``, per benchmark, and the seconds the one
     measurement took) for the roles in ``eval.baselines``; ``paths``: role -> folder or hub id."""
     summary: dict = {}
     for role in cfg.eval.baselines:
-        found = measure(cfg, role, paths[role], tokenizer, device, eval_sets, evaluate_model)
+        found = measure(cfg, role, paths[role], tokenizer, device, eval_sets)
         if found is None:
             continue
         prefix = PREFIX[role]

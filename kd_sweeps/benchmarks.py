@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from kd_sweeps.answers import last_boxed
+
 
 class BenchmarkError(ValueError):
     """A benchmark that cannot be loaded, named with what is wrong and what is allowed."""
@@ -149,32 +151,6 @@ def load_benchmark(name: str, path: str | None = None, n: int | None = None,
     if not records:
         raise BenchmarkError(f"benchmark {name!r} has no problems (path={path!r}, n={n})")
     return records
-
-
-_BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)\s*")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` (or ``\\fbox``), braces balanced; None if none.
-
-    A regex cannot match nested braces (``\\boxed{\\frac{\\sqrt{2}}{2}}``), so braces are counted.
-    An unclosed box (a generation cut off mid-answer) does not count.
-    """
-    found = None
-    for match in _BOX_COMMAND.finditer(text):
-        start = match.end()
-        if start >= len(text) or text[start] != "{":
-            continue
-        depth = 0
-        for pos in range(start, len(text)):
-            if text[pos] == "{":
-                depth += 1
-            elif text[pos] == "}":
-                depth -= 1
-                if depth == 0:
-                    found = text[start + 1:pos]
-                    break
-    return found.strip() if found is not None else None
 
 
 def _parse(text: str, in_main_thread: bool):

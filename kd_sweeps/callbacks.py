@@ -104,7 +104,7 @@ def summarize_sweep(sweep_dir: Path, folders: Optional[list[Path]] = None,
     """(markdown table, plot path or None) for the sweep's point folders (default: every one with
     a result.json, whichever launch ran it). Writes summary.md (runs of the latest launch's grid
     marked ✓), summary.csv (tables.summary_frame: numeric, ``latest_launch`` true/false) and
-    tradeoff.png/pdf from all of them."""
+    tradeoff.png/pdf from all of them (x: plots.cost_column, total FLOPs where distill.mode varies)."""
     import pandas as pd
 
     from analysis.load import load_results
@@ -125,11 +125,14 @@ def summarize_sweep(sweep_dir: Path, folders: Optional[list[Path]] = None,
                     f"{int((latest.to_numpy() & ok).sum())} of them (✓) in the latest launch's grid\n\n"
                     + markdown)
     (sweep_dir / "summary.md").write_text(f"# {title}\n\n{markdown}\n")
-    from analysis.checks import varying_keys
+    from analysis.checks import sweep_curves
+    from analysis.plots import cost_column
 
-    # A sweep over loss, truncation mode, train.lr, ... draws one curve per value instead of mixing them.
-    varying = varying_keys(frame)
-    ax = plot_tradeoff(frame, group_by=varying or None, missing=_missing_points(frame, sweep_dir))
+    # A sweep over loss, truncation mode, train.lr, distill.mode, ... draws one curve per value instead
+    # of mixing them; distill modes are compared at their total FLOPs (training + generation).
+    varying = sweep_curves(frame)
+    ax = plot_tradeoff(frame, x=cost_column(frame), group_by=varying or None,
+                       missing=_missing_points(frame, sweep_dir))
     if title:
         ax.set_title(f"{title}\n{ax.get_title()}".strip(), fontsize=9)
     paths = save_figure(ax.figure, sweep_dir, "tradeoff")

@@ -107,7 +107,7 @@ class TrainState:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".train_state.", suffix=".tmp")
         os.close(fd)
         try:
-            from kd_sweeps.tracking import file_mode
+            from kd_sweeps.record_files import file_mode
 
             os.chmod(tmp, file_mode())  # mkstemp's 0600 would hide the state from the sweep's other users
             torch.save(payload, tmp)

@@ -20,7 +20,8 @@ on ``token_divergence``, about 9 (reverse_kl) to 15 (jsd). At Qwen3's V = 151,93
 is 148 MiB per 256 rows.
 
 Out of scope: heads that are not a plain linear map of the last hidden state, such as logit
-soft-capping (Gemma 2/3) or logit scaling (Cohere, Granite); ``hidden_and_head`` refuses them.
+soft-capping (Gemma 2/3) or logit scaling (Cohere, Granite); ``final_hidden_and_head_weight``
+refuses them.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def supervised_positions(labels: Tensor, ignore_index: int = -100) -> tuple[Tens
     return b * width + t, targets[b, t].long()
 
 
-def hidden_and_head(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def final_hidden_and_head_weight(model, input_ids: Tensor,
+                                 attention_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Final hidden states (B, T, H) and the output-layer weight (V, H) of a transformers CausalLM.
 
     For Qwen3 / Llama-style models the decoder's ``last_hidden_state`` already has the final norm
@@ -81,7 +83,7 @@ def hidden_and_head(model, input_ids: Tensor, attention_mask: Optional[Tensor] =
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         issues.append(f"{model.__class__.__name__}: the output layer has a bias; pass it as "
-                      f"student_head_bias instead of using hidden_and_head")
+                      f"student_head_bias instead of using final_hidden_and_head_weight")
     if issues:
         raise ValueError("\n".join(issues))
     out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -41,7 +41,7 @@ def job_id() -> Optional[str]:
 
 def holder() -> dict:
     """Who this process is, as a claim records it."""
-    from kd_sweeps.tracking import now_iso
+    from kd_sweeps.record_files import now_iso
 
     return {"job_id": job_id(), "host": socket.gethostname(), "pid": os.getpid(), "since": now_iso()}
 

@@ -195,7 +195,7 @@ def _fully_shard_decoder(model, env: DistEnv, mp_policy=None) -> None:
     # The chunked loss runs the decoder and reads the head weight without ``model.forward``; this
     # method makes FSDP gather the root's parameters (and hook backward) around that call.
     def final_hidden(input_ids, attention_mask=None):
-        return chunked_loss.hidden_and_head(model, input_ids, attention_mask)[0]  # (B, T, H)
+        return chunked_loss.final_hidden_and_head_weight(model, input_ids, attention_mask)[0]  # (B, T, H)
 
     model.final_hidden = final_hidden
     register_fsdp_forward_method(model, "final_hidden")
@@ -245,12 +245,13 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def hidden_and_head(model, input_ids, attention_mask=None):
-    """``chunked_loss.hidden_and_head`` for a plain or an FSDP-sharded model: final hidden states
-    (B, T, H) and the output-layer weight (V, H). A sharded root keeps its parameters gathered
-    after forward (FSDP's rule for the root) until backward, so the weight read here is the full one."""
+    """``chunked_loss.final_hidden_and_head_weight`` for a plain or an FSDP-sharded model: final
+    hidden states (B, T, H) and the output-layer weight (V, H). A sharded root keeps its parameters
+    gathered after forward (FSDP's rule for the root) until backward, so the weight read here is the
+    full one."""
     final_hidden = getattr(model, "final_hidden", None)
     if final_hidden is None:
-        return chunked_loss.hidden_and_head(model, input_ids, attention_mask)
+        return chunked_loss.final_hidden_and_head_weight(model, input_ids, attention_mask)
     hidden = final_hidden(input_ids=input_ids, attention_mask=attention_mask)
     return hidden, model.get_output_embeddings().weight
 

@@ -152,9 +152,32 @@ def evaluate_point(output_dir: str) -> dict:
         return _evaluate_claimed(folder)
 
 
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, paths: dict[str, str] | None = None) -> dict:
+    """``evaluate.evaluate_model`` on a saved checkpoint, then the references of ``eval.baselines``
+    (``paths``: ``evaluate.reference_paths`` of the training's summary)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kd_sweeps import baselines, distributed, evaluate, selection
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = distributed.init_distributed(cfg.train.device).device  # one process: no group is joined
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=cfg.model.trust_remote_code)
+    engine = evaluate.resolve_engine(cfg.eval.engine, device)
+    model = None if engine == "vllm" else selection.load_checkpoint(checkpoint, device, cfg.model.attn_implementation)
+    eval_sets = evaluate.load_eval_sets(cfg)
+    summary = {**evaluate.evaluate_model(cfg, model, tokenizer, eval_sets, device, checkpoint),
+               "eval_engine": engine}
+    model = None
+    if paths and all(paths.get(role) for role in cfg.eval.baselines):
+        summary.update(baselines.reference_summary(cfg, paths, tokenizer, device, eval_sets))
+    return summary
+
+
 def _evaluate_claimed(folder: Path) -> dict:
-    from kd_sweeps import run
     from kd_sweeps.checkpoint import Preempted
+    from kd_sweeps.evaluate import reference_paths
 
     record = read_result(folder)
     status = None if record is None else record.get("status")
@@ -169,8 +192,7 @@ def _evaluate_claimed(folder: Path) -> dict:
     with Tracker.reopen(folder, record, cfg.logger) as tracker:
         tracker.status_on_success = "evaluating"  # until the summary is in
         try:
-            summary = run.evaluate_checkpoint(cfg, folder / "checkpoint",
-                                              run.reference_paths(record.get("summary") or {}))
+            summary = evaluate_checkpoint(cfg, folder / "checkpoint", reference_paths(record.get("summary") or {}))
         except Preempted as stop:
             stopped = stop
         else:

@@ -10,6 +10,9 @@ pass@1 estimated as the mean over samples, and the standard error is taken over 
 With a ``results_file`` the evaluation is resumable: every completion is appended to it (one
 fsync'd JSON line) the moment it ends, keyed by everything that decides it (``eval_store``), and a
 relaunched evaluation generates only what is not there yet.
+
+A grid point's evaluation (``load_eval_sets`` then ``evaluate_model``) is the same in the training
+job, in the evaluation job (``eval_job``) and for the references (``baselines``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from omegaconf import DictConfig
 
-from kd_sweeps.data import prompt_messages
+from kd_sweeps.data import load_records, prompt_messages
 from kd_sweeps.generate import Generated, Request, Sampling
 
 log = logging.getLogger(__name__)
@@ -56,7 +60,8 @@ def answers_match(completion: str, gold: str) -> bool:
     all the embedded task needs); otherwise math-verify, which knows that 1/2, 0.5 and
     \\frac{1}{2} agree. A completion without a boxed answer is wrong: every prompt asks for one,
     and falling back to "any number in the text" lets a random model score on a 0-9 answer space."""
-    from kd_sweeps.benchmarks import check_answer, last_boxed
+    from kd_sweeps.answers import last_boxed
+    from kd_sweeps.benchmarks import check_answer
 
     predicted = last_boxed(completion)
     if predicted is None:
@@ -262,3 +267,47 @@ def score(records: Sequence[dict], completions: Sequence[Sequence[str]], generat
         per_problem.append(sum(hits) / len(hits))
     accuracy, stderr = mean_stderr(per_problem)
     return EvalResult(accuracy, stderr, len(records), generated, per_problem)
+
+
+def load_eval_sets(cfg: DictConfig) -> dict[str, list[dict]]:
+    """The evaluation problems of every benchmark in ``eval.benchmarks`` (at most ``eval.n_problems``;
+    a benchmark with fewer problems gives them all, and the log says so: ``eval/<bench>/n`` records it)."""
+    sets = {bench: load_records(cfg.data, "test")[: cfg.eval.n_problems] if bench == "synthetic"
+            else benchmark_records(bench, cfg.eval) for bench in cfg.eval.benchmarks}
+    for bench, problems in sets.items():
+        if len(problems) < cfg.eval.n_problems:
+            log.info("eval.n_problems=%d: %s has %d problems; all of them are evaluated", cfg.eval.n_problems,
+                     bench, len(problems))
+    return sets
+
+
+def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device, checkpoint: Path,
+                   results_dir: Path | None = None) -> dict:
+    """Accuracy ± stderr per benchmark, per-problem scores, generated tokens and how many completions
+    stopped at the end of their turn; and their means over benchmarks. ``model`` None: the vLLM
+    engine generates from ``checkpoint`` (the same weights, saved). Every completion is appended to
+    ``<point>/eval/<benchmark>.jsonl`` (``results_dir``/<benchmark>.jsonl) as it ends: a relaunched
+    evaluation resumes from there."""
+    summary: dict = {}
+    results: dict[str, EvalResult] = {}
+    for bench in cfg.eval.benchmarks:
+        result = results[bench] = evaluate(
+            model, tokenizer, eval_sets[bench], cfg.eval, device, checkpoint=checkpoint, seed=cfg.seed,
+            results_file=(results_dir or Path(checkpoint).parent / "eval") / f"{bench}.jsonl")
+        summary.update({f"eval/{bench}/accuracy": result.accuracy, f"eval/{bench}/stderr": result.stderr,
+                        f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens,
+                        f"eval/{bench}/per_problem": result.per_problem,
+                        f"eval/{bench}/finished_rate": result.finished_rate,
+                        f"eval/{bench}/gen_tokens_mean": result.gen_tokens_mean,
+                        f"eval/{bench}/gen_tokens_max": result.gen_tokens_max})
+    done = list(results.values())
+    summary["accuracy"] = sum(r.accuracy for r in done) / len(done)
+    summary["accuracy_stderr"] = (sum(r.stderr**2 for r in done) ** 0.5) / len(done)
+    summary["finished_rate"] = sum(r.finished_rate for r in done) / len(done)
+    summary["gen_tokens_mean"] = sum(r.gen_tokens_mean for r in done) / len(done)
+    return summary
+
+
+def reference_paths(summary: dict) -> dict[str, str]:
+    """Role -> where the untrained model is (its folder or hub id), as the training recorded it."""
+    return {"student": summary.get("student_init_path"), "teacher": summary.get("teacher_path")}

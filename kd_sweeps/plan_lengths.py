@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,19 +148,12 @@ def read_cached(path: Path) -> Sequences | None:
 
 
 def write_cached(path: Path, seqs: Sequences, meta: dict) -> None:
-    """Atomically (temp file in the same folder, fsync, rename): a parallel plan reads old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, length=seqs.length.astype(np.int32), cot_start=seqs.cot_start.astype(np.int32),
-                     cot_end=seqs.cot_end.astype(np.int32), meta=np.array(json.dumps(meta, sort_keys=True)))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically (``record_files.atomic_file``): a parallel plan reads the old file or the new one."""
+    from kd_sweeps.record_files import atomic_file
+
+    with atomic_file(path, "wb") as handle:
+        np.savez(handle, length=seqs.length.astype(np.int32), cot_start=seqs.cot_start.astype(np.int32),
+                 cot_end=seqs.cot_end.astype(np.int32), meta=np.array(json.dumps(meta, sort_keys=True)))
 
 
 # --------------------------------------------------------------------------- per data config

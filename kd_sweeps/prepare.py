@@ -4,7 +4,7 @@ tokenize → length filter → split, every stage counted, the heavy stages cach
 ``data.rows`` chooses the rows:
 
 - ``length`` (default): every row is formatted (``sources.format_record``) and rendered with the
-  student's chat template (``data.template_ids``, the ids training sees); rows longer than
+  student's chat template (``chat_format.template_ids``, the ids training sees); rows longer than
   ``data.max_tokens`` tokens are dropped (a row of exactly ``max_tokens`` fits the training window
   untruncated and is kept), and only then is the rest split. This rebuilds the authors' "rows under
   4k tokens" from the data, for any tokenizer and limit.
@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from kd_sweeps.sources import DATASETS, SourceError, SourceReport, format_row, infer_schema, read_rows
+from kd_sweeps.sources import (DATASETS, SourceError, SourceReport, format_row, infer_schema, read_rows,
+                               records_of)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ ROW_CHOICES = ("length", "paper")
 PAPER_ROWS = Path(__file__).parent / "paper_rows"
 PAPER_COUNTS = {"bespoke_stratos17k": 9_354, "open_thoughts114k": 42_010, "skyt1": 9_299}  # published lists
 FORMAT_VERSION = 1  # bump when formatting changes: caches of the old rows are then not reused
-TOKENS_VERSION = 1  # bump when the rendering (data.template_ids) or the span rule changes
+TOKENS_VERSION = 1  # bump when the rendering (chat_format.template_ids) or the span rule changes
 PARALLEL_FROM = 50_000  # rows; smaller tables run in this process (no workers to start, no tokenizer to ship)
 TOKEN_BATCH = 256  # rows rendered and tokenized per call (one fast-tokenizer batch)
 
@@ -141,7 +142,7 @@ def _format_batch(batch: dict, indices: list[int], schema: str, row_ids) -> dict
 def _tokenize_batch(batch: dict, tokenizer, max_tokens: int, markers: tuple[int, int]) -> dict[str, list]:
     """Token ids and CoT bounds of each usable formatted row; ids are kept only for rows of at most
     ``max_tokens`` tokens (``n_tokens`` is kept for every usable row: the length stage's count)."""
-    from kd_sweeps import data
+    from kd_sweeps import chat_format
     from kd_sweeps.sections import MarkerError, find_spans
 
     n = len(batch["dropped"])
@@ -149,7 +150,7 @@ def _tokenize_batch(batch: dict, tokenizer, max_tokens: int, markers: tuple[int,
            "token_problem": [""] * n}
     usable = [i for i, why in enumerate(batch["dropped"]) if not why]
     records = [{"problem": batch["problem"][i], "reasoning": batch["reasoning"][i]} for i in usable]
-    for i, ids in zip(usable, data.template_ids(tokenizer, records) if records else []):
+    for i, ids in zip(usable, chat_format.template_ids(tokenizer, records) if records else []):
         out["n_tokens"][i] = len(ids)
         if len(ids) > max_tokens:
             continue
@@ -198,9 +199,9 @@ def _build(table, schema, row_ids, tokenizer, max_tokens, folder, key, token_nam
         return formatted
     from datasets import concatenate_datasets
 
-    from kd_sweeps import data
+    from kd_sweeps import chat_format
 
-    markers = data.check_tokenizer(tokenizer)
+    markers = chat_format.check_tokenizer(tokenizer)
     tokens = formatted.map(_tokenize_batch, batched=True, batch_size=TOKEN_BATCH, remove_columns=formatted.column_names,
                            fn_kwargs={"tokenizer": tokenizer, "max_tokens": max_tokens, "markers": markers},
                            features=_token_features(), num_proc=worker_count(num_proc, len(formatted)),
@@ -343,7 +344,7 @@ def prepared_splits(name_or_path: str, *, source: str = "hub", n_train: Optional
     """(train, val, SourceReport): two Datasets with columns row, problem, reasoning, answer (and,
     with a tokenizer, input_ids, n_tokens, cot_start, cot_end), the rows of ``data.rows``, split.
 
-    Arguments as ``sources.load_reasoning_dataset``, and: rows ("length" | "paper"); tokenizer (the
+    Arguments as ``load_reasoning_dataset``, and: rows ("length" | "paper"); tokenizer (the
     student's; None: formatting only, no length stage); max_tokens (the length limit, kept when
     ``<=``); cache_dir (where the tables are cached; None: not shared); num_proc (map workers, 0:
     automatic); build=False waits for another process to build the cache; ``stop`` says when to
@@ -416,3 +417,28 @@ def _without_duplicates(train, val, report: SourceReport):
     gone = set(overlap)
     keep = [i for i in range(len(val)) if i not in gone]
     return [val[i] for i in keep] if isinstance(val, list) else val.select(keep, keep_in_memory=True)
+
+
+def load_reasoning_dataset(name_or_path: str, *, source: str = "hub", n_train: int | None = None,
+                           n_val: int | None = None, seed: int = 42, split: str | None = None,
+                           dataset: str | None = None, schema: str | None = None, **options):
+    """Load a reasoning dataset, format it, drop marker-less records, split it.
+
+    name_or_path: a name in DATASETS or a hub id (source="hub"), a JSON/JSONL file
+        (source="json"), or a dataset directory from ``save_to_disk`` or of data files
+        (source="path").
+    dataset: for a local copy, the DATASETS name it is a copy of (its schema, row filter and
+        default sizes); schema: force a schema (otherwise the dataset's, or inferred from columns).
+    n_train, n_val: sizes; default to the paper's for the named dataset. n_train=None with no
+        paper size keeps every record not used for validation.
+    split: the split of a hub dataset or directory (default: the dataset's own, "math" for
+        Nemotron, else "train"); a JSON file is one split.
+    options: ``rows``, ``tokenizer``, ``max_tokens``, ``cache_dir``, ``num_proc`` of
+        ``prepared_splits`` (the length filter needs the student's tokenizer).
+
+    The split is ``Dataset.train_test_split(test_size=n_val, seed=seed)``; training takes the first
+    n_train rows of its train part. Returns (train_records, val_records, SourceReport).
+    """
+    train, val, report = prepared_splits(name_or_path, source=source, n_train=n_train, n_val=n_val, seed=seed,
+                                         split=split, dataset=dataset, schema=schema, **options)
+    return records_of(train), records_of(val), report

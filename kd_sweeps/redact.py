@@ -74,7 +74,7 @@ def redact_yaml_files(folder: Path) -> None:
     rewritten in place (atomically), and only when something was found."""
     import yaml
 
-    from kd_sweeps.tracking import write_text_atomic
+    from kd_sweeps.record_files import write_text_atomic
 
     for path in sorted(Path(folder).glob("*.yaml")):
         text = path.read_text()

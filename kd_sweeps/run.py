@@ -220,7 +220,7 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     log.info("training %d steps of %d sequences (%.2f epochs of %d examples), computing in %s",
              cfg.train.max_steps, cfg.train.batch_size, cfg.train.max_steps * cfg.train.batch_size / len(examples),
              len(examples), cfg.train.precision)
-    eval_sets = load_eval_sets(cfg)  # loaded now: a missing benchmark file fails before any training
+    eval_sets = evaluate.load_eval_sets(cfg)  # loaded now: a missing benchmark file fails before any training
     selector = selection.for_config(cfg, tokenizer, env, output_dir / "checkpoint")  # None: final weights
     # Embedded models are prepared once and cached; with a process group transformers writes files on
     # rank 0 only, so rank 0 prepares them while the others wait, then they load the cached copies.
@@ -327,10 +327,10 @@ def _train_and_evaluate(cfg: DictConfig, tracker: Tracker, output_dir: Path, env
     summary["padding_ratio"] = summary["tokens_padded"] / max(1, summary["tokens_padded"] + summary["tokens_trained"])
     summary.update(distill_cost(cfg, rollout, distill_summary, summary["train_flops"], env))
     if not cfg.eval.separate_job:
-        summary.update(evaluate_model(cfg, final, tokenizer, eval_sets, device, output_dir / "checkpoint"))
+        summary.update(evaluate.evaluate_model(cfg, final, tokenizer, eval_sets, device, output_dir / "checkpoint"))
         final = None  # the references' models take its place
-        summary.update(baselines.reference_summary(cfg, reference_paths(summary), tokenizer, device, eval_sets,
-                                                       evaluate_model))
+        summary.update(baselines.reference_summary(cfg, evaluate.reference_paths(summary), tokenizer, device,
+                                                   eval_sets))
     resume.state.remove()  # the run is complete: a rerun is skipped, not resumed
     log.info("run %s: accuracy %.3f ± %.3f, %.3g training FLOPs, %.1f s", tracker.run_id,
              summary.get("accuracy", float("nan")), summary.get("accuracy_stderr", float("nan")),
@@ -349,66 +349,3 @@ def distill_cost(cfg: DictConfig, rollout, distill_summary: dict, train_flops: f
                     for k, v in rollout.state().items()})
     out["total_flops"] = train_flops + out.get("generation_flops", 0) + out.get("sequence_generation_flops", 0)
     return out
-
-
-def load_eval_sets(cfg: DictConfig) -> dict[str, list[dict]]:
-    """The evaluation problems of every benchmark in ``eval.benchmarks`` (at most ``eval.n_problems``;
-    a benchmark with fewer problems gives them all, and the log says so: ``eval/<bench>/n`` records it)."""
-    sets = {bench: data.load_records(cfg.data, "test")[: cfg.eval.n_problems] if bench == "synthetic"
-            else evaluate.benchmark_records(bench, cfg.eval) for bench in cfg.eval.benchmarks}
-    for bench, problems in sets.items():
-        if len(problems) < cfg.eval.n_problems:
-            log.info("eval.n_problems=%d: %s has %d problems; all of them are evaluated", cfg.eval.n_problems,
-                     bench, len(problems))
-    return sets
-
-
-def evaluate_model(cfg: DictConfig, model, tokenizer, eval_sets: dict, device, checkpoint: Path,
-                   results_dir: Path | None = None) -> dict:
-    """Accuracy ± stderr per benchmark, per-problem scores, generated tokens and how many completions
-    stopped at the end of their turn; and their means over benchmarks. ``model`` None: the vLLM
-    engine generates from ``checkpoint`` (the same weights, saved). Every completion is appended to
-    ``<point>/eval/<benchmark>.jsonl`` (``results_dir``/<benchmark>.jsonl) as it ends: a relaunched
-    evaluation resumes from there."""
-    summary: dict = {}
-    results: dict[str, evaluate.EvalResult] = {}
-    for bench in cfg.eval.benchmarks:
-        result = results[bench] = evaluate.evaluate(
-            model, tokenizer, eval_sets[bench], cfg.eval, device, checkpoint=checkpoint, seed=cfg.seed,
-            results_file=(results_dir or Path(checkpoint).parent / "eval") / f"{bench}.jsonl")
-        summary.update({f"eval/{bench}/accuracy": result.accuracy, f"eval/{bench}/stderr": result.stderr,
-                        f"eval/{bench}/n": result.n, f"eval/{bench}/generated_tokens": result.generated_tokens,
-                        f"eval/{bench}/per_problem": result.per_problem,
-                        f"eval/{bench}/finished_rate": result.finished_rate,
-                        f"eval/{bench}/gen_tokens_mean": result.gen_tokens_mean,
-                        f"eval/{bench}/gen_tokens_max": result.gen_tokens_max})
-    done = list(results.values())
-    summary["accuracy"] = sum(r.accuracy for r in done) / len(done)
-    summary["accuracy_stderr"] = (sum(r.stderr**2 for r in done) ** 0.5) / len(done)
-    summary["finished_rate"] = sum(r.finished_rate for r in done) / len(done)
-    summary["gen_tokens_mean"] = sum(r.gen_tokens_mean for r in done) / len(done)
-    return summary
-
-
-def reference_paths(summary: dict) -> dict[str, str]:
-    """Role -> where the untrained model is (its folder or hub id), as the training recorded it."""
-    return {"student": summary.get("student_init_path"), "teacher": summary.get("teacher_path")}
-
-
-def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, paths: dict[str, str] | None = None) -> dict:
-    """``evaluate_model`` on a saved checkpoint (the evaluation job of ``eval.separate_job``), then the
-    references of ``eval.baselines`` (``paths``: ``reference_paths`` of the training's summary)."""
-    from transformers import AutoTokenizer
-
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    device = distributed.init_distributed(cfg.train.device).device  # one process: no group is joined
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=cfg.model.trust_remote_code)
-    engine = evaluate.resolve_engine(cfg.eval.engine, device)
-    model = None if engine == "vllm" else selection.load_checkpoint(checkpoint, device, cfg.model.attn_implementation)
-    eval_sets = load_eval_sets(cfg)
-    summary = {**evaluate_model(cfg, model, tokenizer, eval_sets, device, checkpoint), "eval_engine": engine}
-    model = None
-    if paths and all(paths.get(role) for role in cfg.eval.baselines):
-        summary.update(baselines.reference_summary(cfg, paths, tokenizer, device, eval_sets, evaluate_model))
-    return summary

@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kd_sweeps.benchmarks import last_boxed
+from kd_sweeps.answers import last_boxed
 
 THINK, END_THINK = "<think>", "</think>"
 SCHEMAS = ("conversations", "synthetic1", "nemotron", "records")
@@ -350,33 +350,6 @@ def load_from_hub(hub_id: str, config, split: str, error: type, what: str, local
         raise error(f"{what}could not load {hub_id!r} (config {config!r}, split {split!r}) from the hub: "
                     f"{offline}{type(err).__name__}: {err}. Load it where the hub is reachable, or "
                     f"{local_copy}") from err
-
-
-def load_reasoning_dataset(name_or_path: str, *, source: str = "hub", n_train: int | None = None,
-                           n_val: int | None = None, seed: int = 42, split: str | None = None,
-                           dataset: str | None = None, schema: str | None = None, **options):
-    """Load a reasoning dataset, format it, drop marker-less records, split it.
-
-    name_or_path: a name in DATASETS or a hub id (source="hub"), a JSON/JSONL file
-        (source="json"), or a dataset directory from ``save_to_disk`` or of data files
-        (source="path").
-    dataset: for a local copy, the DATASETS name it is a copy of (its schema, row filter and
-        default sizes); schema: force a schema (otherwise the dataset's, or inferred from columns).
-    n_train, n_val: sizes; default to the paper's for the named dataset. n_train=None with no
-        paper size keeps every record not used for validation.
-    split: the split of a hub dataset or directory (default: the dataset's own, "math" for
-        Nemotron, else "train"); a JSON file is one split.
-    options: ``rows``, ``tokenizer``, ``max_tokens``, ``cache_dir``, ``num_proc`` of
-        ``prepare.prepared_splits`` (the length filter needs the student's tokenizer).
-
-    The split is ``Dataset.train_test_split(test_size=n_val, seed=seed)``; training takes the first
-    n_train rows of its train part. Returns (train_records, val_records, SourceReport).
-    """
-    from kd_sweeps.prepare import prepared_splits
-
-    train, val, report = prepared_splits(name_or_path, source=source, n_train=n_train, n_val=n_val, seed=seed,
-                                         split=split, dataset=dataset, schema=schema, **options)
-    return records_of(train), records_of(val), report
 
 
 def records_of(table) -> list[dict]:

@@ -63,10 +63,10 @@ def check_truncation(mode: str) -> None:
     """Raise unless ``truncation.mode`` keeps windows that start at token 0."""
     if mode not in SUPPORTED_MODES:
         raise CacheError(
-            f"teacher.cache=topk needs truncation.mode in {SUPPORTED_MODES}, got truncation.mode={mode!r}: "
+            f"train.teacher_cache=topk needs truncation.mode in {SUPPORTED_MODES}, got truncation.mode={mode!r}: "
             f"a {mode!r} window starts after token 0, and the teacher run on that window lacks the "
             f"context before it, so its logits are not rows of the cached full-sequence logits. "
-            f"Use the online teacher (teacher.cache=none) for this mode.")
+            f"Use the online teacher (train.teacher_cache=none) for this mode.")
 
 
 def cache_key(teacher_id: str, dataset_fingerprint: str, formatting: str, max_tokens: int, k: int,
@@ -326,7 +326,7 @@ def _teacher_rows(teacher, sequences: Sequence[Sequence[int]], device):
     head weight (V, H) and the padded shape (B, T). The head is applied later, a chunk of rows at a
     time, so no (B, T, V) logits exist.
     """
-    from kd_sweeps.chunked_loss import hidden_and_head
+    from kd_sweeps.chunked_loss import final_hidden_and_head_weight
 
     width = max(len(ids) for ids in sequences)
     input_ids = torch.zeros(len(sequences), width, dtype=torch.long)  # pad id irrelevant: never attended
@@ -334,7 +334,7 @@ def _teacher_rows(teacher, sequences: Sequence[Sequence[int]], device):
     for row, ids in enumerate(sequences):
         input_ids[row, :len(ids)] = torch.as_tensor(ids)
         attention[row, :len(ids)] = 1
-    hidden, weight = hidden_and_head(teacher, input_ids.to(device), attention.to(device))  # (B, T, H), (V, H)
+    hidden, weight = final_hidden_and_head_weight(teacher, input_ids.to(device), attention.to(device))  # (B,T,H)
     rows = torch.cat([row * width + torch.arange(len(ids) - 1) for row, ids in enumerate(sequences)])  # (R,)
     return hidden.flatten(0, 1)[rows.to(hidden.device)], weight, (len(sequences), width)
 

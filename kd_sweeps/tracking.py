@@ -11,67 +11,21 @@ with a non-zero exit code when the run failed.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
-import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+# file_mode and write_text_atomic are not used here: callers import the record's writers from this module.
+from kd_sweeps.record_files import file_mode, now_iso, write_json_atomic, write_text_atomic  # noqa: F401
 from kd_sweeps.redact import redact
 from kd_sweeps.wandb_naming import wandb_fields
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded")  # ENOSPC, EFBIG, EDQUOT
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: store them as null so every reader can parse the file."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def file_mode() -> int:
-    """The mode an ordinary new file gets here (0o666 less the umask). mkstemp makes 0600 files,
-    which a colleague's analysis of a shared sweep folder cannot read."""
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """``payload`` as JSON, atomically (see write_text_atomic); NaN/inf become null."""
-    write_text_atomic(path, json.dumps(_json_safe(payload), indent=2, sort_keys=True, allow_nan=False))
 
 
 def write_result(output_dir: Path, result: dict) -> None:

@@ -17,20 +17,30 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def compose_config(overrides=(), config_name: str = "config"):
-    """The config exactly as ``launch.py`` would compose it (schema included)."""
+def compose_config(overrides=(), config_name: str = "config", return_hydra_config: bool = False):
+    """The config exactly as ``launch.py`` would compose it (schema included); with
+    ``return_hydra_config`` its ``hydra`` node too (launcher, sweeper), whose interpolations only
+    resolve inside a running Hydra app."""
     from hydra import compose, initialize_config_dir
 
     from kd_sweeps.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 @pytest.fixture
 def compose():
     return compose_config
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """KD_SWEEPS_CACHE of the sweeps a module launches (tests.helpers.launch): one per module, so the
+    embedded models are prepared once per module and its checks of what the cache holds see only
+    what that module made."""
+    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from kd_sweeps import baselines, run
 from tests.conftest import compose_config
-from tests.test_end_to_end import FAST
+from tests.helpers import FAST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,6 +22,7 @@ def _cfg(tmp_path, *extra):
 
 def test_references_are_measured_once_as_the_points_are_and_read_back(tmp_path):
     summary = run.main(_cfg(tmp_path))
+    assert summary["sequences_trained"] == 8 and summary["examples_trained_on"] == 64  # 1 step of 8; the data
     folders = {role: baselines.baseline_folder(_cfg(tmp_path), role, summary[path])
                for role, path in (("student", "student_init_path"), ("teacher", "teacher_path"))}
     for role, prefix in (("student", "base"), ("teacher", "teacher")):
@@ -48,7 +49,7 @@ def test_a_reference_being_measured_elsewhere_is_not_waited_for(tmp_path):
     cfg = _cfg(tmp_path, "eval.baselines=[teacher]")
     stand_in = str(tmp_path / "some-teacher")
     with FileLock(str(baselines.baseline_folder(cfg, "teacher", stand_in)) + ".lock"):
-        found = baselines.reference_summary(cfg, {"teacher": stand_in}, None, "cpu", {}, evaluate_model=None)
+        found = baselines.reference_summary(cfg, {"teacher": stand_in}, None, "cpu", {})
     assert found == {}
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_sweeps.chunked_loss import chunked_kd_ce, hidden_and_head, supervised_positions
+from kd_sweeps.chunked_loss import chunked_kd_ce, final_hidden_and_head_weight, supervised_positions
 from kd_sweeps.losses import LOSS_NAMES, ce_loss, kd_loss, total_loss
-from tests.test_losses import ref_divergence_from_probs
+from tests.helpers import ref_divergence_from_probs
 
 IGNORE = -100
 B, T, H, HT, V = 3, 8, 6, 5, 17
@@ -380,9 +380,9 @@ def test_tiny_qwen3_loss_and_parameter_grads_match_full_logits(name):
     params = [p for p in student.parameters()]
     want_grads = torch.autograd.grad(want, params)
 
-    hidden, head = hidden_and_head(student, **batch)
+    hidden, head = final_hidden_and_head_weight(student, **batch)
     with torch.no_grad():
-        teacher_hidden, teacher_head = hidden_and_head(teacher, **batch)
+        teacher_hidden, teacher_head = final_hidden_and_head_weight(teacher, **batch)
     rows, targets = supervised_positions(labels)
     got, *_ = chunked_kd_ce(hidden.flatten(0, 1)[rows], teacher_hidden.flatten(0, 1)[rows], head, teacher_head,
                             targets, name=name, kd_ratio=KD_RATIO, temperature=2.0, chunk_size=4, **PARAMS)
@@ -393,7 +393,7 @@ def test_tiny_qwen3_loss_and_parameter_grads_match_full_logits(name):
 
     student.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        hidden_and_head(student, **batch)
+        final_hidden_and_head_weight(student, **batch)
 
 
 def _full_path_logits(logits, teacher_logits, labels, name):

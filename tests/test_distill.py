@@ -20,7 +20,7 @@ from kd_sweeps.synthetic import make_split
 from kd_sweeps.tokenizer import build_tokenizer
 from tests.conftest import compose_config
 from tests.helpers import random_embedded_model
-from tests.test_end_to_end import FAST
+from tests.helpers import FAST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SEED = 7
@@ -211,3 +211,32 @@ def test_an_on_policy_run_resumes_as_if_never_stopped(pair, tmp_path):
     assert rollout.counters == ref_rollout.counters | {"generation_time_s": rollout.counters["generation_time_s"]}
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_two_processes_sample_the_same_rollouts_as_one(tmp_path, monkeypatch):
+    """``torchrun --nproc_per_node 2``, the student sharded: every rank generates the whole global
+    batch alike (the same forward calls, as sharding needs) and trains on its slice; the losses and
+    token counts equal one process's, and the counted generation is twice one rank's."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.helpers import E2E, TOLERANCE, free_port
+
+    args = [*E2E, "distill=on_policy", "distill.lmbda=1.0", "eval.baselines=[]", "logger=disabled"]
+    env = {**os.environ, "KD_SWEEPS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port())]
+    proc = subprocess.run([*torchrun, str(ROOT / "launch.py"), *args, f"hydra.run.dir={tmp_path / 'two'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = json.loads((tmp_path / "two" / "result.json").read_text())["summary"]
+    monkeypatch.setenv("KD_SWEEPS_CACHE", str(tmp_path / "cache"))  # the models rank 0 prepared
+    cfg = compose_config(args)
+    cfg.output_dir = str(tmp_path / "one")
+    one = run.main(cfg)
+    for key in ("tokens_trained", "tokens_supervised", "rollouts", "rollout_steps"):
+        assert two[key] == one[key], key
+    assert two["generated_tokens"] == 2 * one["generated_tokens"] > 0
+    assert two["final_loss"] == pytest.approx(one["final_loss"], abs=TOLERANCE)

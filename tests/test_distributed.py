@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from kd_sweeps import data, distributed, models, train
+from tests.helpers import E2E, TOLERANCE, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"layers": 1, "hidden": 32, "heads": 2}
@@ -23,10 +23,6 @@ STEPS = 3
 SETTINGS = dict(max_steps=STEPS, batch_size=8, micro_batch_size=2, lr=1e-2, precision="fp32", seed=0)
 # The paper's recipe at its learning rate, bf16 compute through FSDP2's mixed-precision policy.
 PAPER = dict(lr=4e-6, schedule="onecycle", betas=(0.9, 0.999), decay_norms_and_biases=True, precision="bf16")
-# Splitting a step differently only reorders sums: ~1e-7 relative in fp32. AdamW then moves every
-# weight by ~lr whatever its gradient's size, so where a gradient is nearly zero that rounding shows
-# in the weights up to ~lr times its relative size; exactness of the update is checked in float64.
-TOLERANCE = 1e-5
 
 
 def _examples_and_models(folder: Path):
@@ -107,16 +103,10 @@ def _worker(rank: int, world_size: int, port: int, folder: str) -> None:
         distributed.destroy(env)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(world_size: int, folder: Path, timeout_s: float = 240.0) -> None:
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_worker, args=(world_size, _free_port(), str(folder)), nprocs=world_size,
+    context = mp.start_processes(_worker, args=(world_size, free_port(), str(folder)), nprocs=world_size,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
@@ -175,13 +165,6 @@ def test_two_processes_match_one(tmp_path):
 
 
 # The embedded pair untrained (prep_steps=0): this checks the plumbing, not accuracy.
-E2E = ["model.teacher.prep_steps=0", "model.teacher.prep_examples=64", "model.teacher.prep_eval_problems=4",
-       "model.student.prep_steps=0", "model.student.prep_examples=64", "model.student.prep_eval_problems=4",
-       "data.n_train=64", "data.n_test=4", "train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=2",
-       "train.precision=fp32", "train.checkpoint_every=2", "train.device=cpu", "train.num_threads=1",
-       "eval.n_problems=4", "eval.max_new_tokens=16"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("teacher", [[], ["train.teacher_cache=topk", "train.teacher_topk=8"]],
                          ids=["online-teacher", "teacher-cache"])
@@ -200,7 +183,7 @@ def test_torchrun_point_records_once_and_costs_all_ranks(tmp_path, monkeypatch, 
     env = {**os.environ, "KD_SWEEPS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
            "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port())]
+                "--master_port", str(free_port())]
     best_val = ["train.checkpoint_selection=best_val", "train.val_every=1", "data.n_val=5"]  # 5: uneven shares
     proc = subprocess.run([*torchrun, str(ROOT / "launch.py"), *E2E, *teacher, *best_val, "logger=offline",
                            f"hydra.run.dir={tmp_path / 'two'}"],

@@ -9,50 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from analysis.wandb_offline import read_runs
 from kd_sweeps.wandb_naming import point_of_wandb_id
-from tests.conftest import ROOT
-
-FAST = [
-    "model.teacher.prep_steps=8", "model.teacher.prep_examples=256", "model.teacher.prep_eval_problems=8",
-    "model.student.prep_steps=4", "model.student.prep_examples=256", "model.student.prep_eval_problems=8",
-    "data.n_train=64", "data.n_test=8", "train.max_steps=3", "train.batch_size=8",
-    "eval.n_problems=8", "eval.max_new_tokens=48", "train.num_threads=1",
-]
+from tests.helpers import FAST, launch, point_results
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-def launch(args, cwd: Path, cache_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KD_SWEEPS_CACHE": str(cache_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DIR": str(cwd)}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def point_results(sweep_dir: Path) -> list[dict]:
-    """Every point's result.json, ordered by trunc; each folder is named by the point's id."""
-    results = []
-    for path in sweep_dir.glob("*/result.json"):
-        result = json.loads(path.read_text())
-        assert result["run_id"] in (None, path.parent.name)
-        results.append(result)
-    return sorted(results, key=lambda r: (r["config"] or {}).get("trunc") or r["overrides"][0])
-
-
+@pytest.mark.slow  # a sweep launched as a user does: trains and evaluates in subprocesses
 def test_sweep_trains_evaluates_records_and_summarizes(tmp_path, cache_dir):
     sweep_dir = tmp_path / "sweep"
     proc = launch(["-m", "trunc=0.5,1.0", "sweep=e2e", f"hydra.sweep.dir={sweep_dir}", *FAST],
@@ -91,6 +56,7 @@ def test_sweep_trains_evaluates_records_and_summarizes(tmp_path, cache_dir):
                                         for r, n in zip(results, point_results(sweep_dir))]
 
 
+@pytest.mark.slow  # a sweep launched as a user does: trains and evaluates in subprocesses
 def test_a_failing_point_is_recorded_and_its_sibling_still_runs(tmp_path, cache_dir):
     sweep_dir = tmp_path / "sweep"
     # With only the answer supervised and a quarter of each sequence kept, no example has a
@@ -114,6 +80,7 @@ def test_bad_config_fails_before_any_work(tmp_path, cache_dir):
     assert not (tmp_path / "untouched-cache").exists()
 
 
+@pytest.mark.slow  # two launch.py subprocesses (about 4 s)
 def test_cfg_job_and_help(tmp_path, cache_dir):
     cfg = launch(["--cfg", "job", "trunc=0.5", "sections=cot"], tmp_path, cache_dir)
     assert "trunc: 0.5" in cfg.stdout and "- CoT" in cfg.stdout
@@ -123,6 +90,7 @@ def test_cfg_job_and_help(tmp_path, cache_dir):
         assert group in helped.stdout
 
 
+@pytest.mark.slow  # a sweep launched as a user does: trains and evaluates in subprocesses
 def test_best_val_point_records_validation_and_saves_the_best_checkpoint(tmp_path, cache_dir):
     """train.checkpoint_selection=best_val: validation losses in result.json and W&B, the best
     step's weights as the checkpoint (safetensors + tokenizer, loadable by transformers)."""

@@ -16,14 +16,15 @@ from analysis.wandb_offline import read_runs
 from kd_sweeps import eval_job
 from kd_sweeps.tracking import write_json_atomic
 from kd_sweeps.validation import ConfigError, validate
-from tests.test_end_to_end import FAST, cache_dir, launch, point_results  # noqa: F401 (fixture)
+from tests.helpers import FAST, launch, point_results
 
 EVAL_KEYS = ("accuracy", "accuracy_stderr", "eval/synthetic/accuracy", "eval/synthetic/n",
              "eval/synthetic/generated_tokens", "eval/synthetic/per_problem", "eval/synthetic/finished_rate",
              "eval/synthetic/gen_tokens_mean", "eval/synthetic/gen_tokens_max", "finished_rate", "gen_tokens_mean")
 
 
-def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cache_dir):  # noqa: F811
+@pytest.mark.slow  # two sweeps launched as a user does (subprocesses that train and evaluate)
+def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cache_dir):
     together, apart = tmp_path / "together", tmp_path / "apart"
     launch(["-m", "trunc=1.0", f"hydra.sweep.dir={together}", *FAST], tmp_path, cache_dir)
     out = launch(["-m", "trunc=1.0", f"hydra.sweep.dir={apart}", "eval.separate_job=true", *FAST],
@@ -105,6 +106,7 @@ def test_evaluation_job_resources_are_validated(compose):
         assert key in str(err.value)
 
 
+@pytest.mark.slow  # a submitit local job: a subprocess, and the wait for its end
 def test_an_evaluation_job_that_dies_fails_its_point_with_the_log_named(tmp_path):
     import os
 
@@ -126,14 +128,13 @@ def test_a_preempted_evaluation_job_stays_evaluating_and_is_handed_to_submitit(t
     """The scheduler's signal stops generation (finished completions are on disk): the record stays
     "evaluating" for the requeued job, and the signal goes on to submitit's handler, which requeues
     (on a time limit too: the submitted callable is checkpointable)."""
-    from kd_sweeps import run
     from kd_sweeps.checkpoint import Preempted
 
     handled = []
     def preempted(cfg, checkpoint, paths=None):
         raise Preempted("evaluation stopped by a preemption signal", handler=lambda *args: handled.append(args))
 
-    monkeypatch.setattr(run, "evaluate_checkpoint", preempted)
+    monkeypatch.setattr(eval_job, "evaluate_checkpoint", preempted)
     record = {"run_id": "abc", "sweep": "s", "status": "evaluating", "error": None, "overrides": [],
               "config": {"logger": {"mode": "disabled"}}, "summary": {"train_flops": 1.0}, "last_action": "ran"}
     write_json_atomic(tmp_path / "result.json", record)

@@ -4,8 +4,10 @@ models and data swapped for tiny local ones (same code path as the hub: from_pre
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from kd_sweeps import run
 from kd_sweeps.validation import validate
@@ -29,6 +31,28 @@ def valid_companions(override: str) -> list[str]:
     return []
 
 
+def assert_preset_applied(overrides: list[str], group: str | None, path: Path) -> None:
+    """Every value the preset file sets is the composed config's value, in the file's package (the
+    group's node, or the root for ``# @package _global_``): a preset whose values land elsewhere or
+    are replaced by a later default fails here, where validation alone would pass other values."""
+    is_global = "# @package _global_" in path.read_text()
+    composed = OmegaConf.to_container(compose_config(overrides, return_hydra_config=is_global), resolve=False)
+    node = composed if is_global else composed[group]
+    written = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    written.pop("defaults", None)  # group choices, not values
+
+    def compare(want, got, key):
+        if isinstance(want, dict):
+            assert isinstance(got, dict), (path.name, key, got)
+            for name, value in want.items():
+                assert name in got, (path.name, f"{key}.{name}".lstrip("."))
+                compare(value, got[name], f"{key}.{name}")
+        else:
+            assert got == want, (path.name, key.lstrip("."), got, want)
+
+    compare(written, node, "")
+
+
 @pytest.mark.parametrize("override", list(preset_overrides()))
 def test_every_preset_composes_and_validates(override, tmp_path, monkeypatch):
     if override == "model=qwen3_local":  # reads its folders from $QWEN3_DIR (the real tokenizers)
@@ -36,7 +60,10 @@ def test_every_preset_composes_and_validates(override, tmp_path, monkeypatch):
 
         build_qwen3_pair(tmp_path)
         monkeypatch.setenv("QWEN3_DIR", str(tmp_path))
-    validate(compose_config([override, *valid_companions(override)]))
+    overrides = [override, *valid_companions(override)]
+    validate(compose_config(overrides))
+    group, name = override.split("=")
+    assert_preset_applied(overrides, group, CONF / group / f"{name}.yaml")
 
 
 def test_local_qwen3_preset_without_its_folder_says_what_to_set(monkeypatch):
@@ -48,6 +75,7 @@ def test_local_qwen3_preset_without_its_folder_says_what_to_set(monkeypatch):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment):
     validate(compose_config([f"experiment={experiment}"]))
+    assert_preset_applied([f"experiment={experiment}"], None, CONF / "experiment" / f"{experiment}.yaml")
 
 
 @pytest.fixture(scope="module")

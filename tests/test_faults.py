@@ -19,7 +19,7 @@ import torch
 
 from kd_sweeps.launcher import lost_reason, record_lost_point
 from tests.conftest import ROOT, compose_config
-from tests.test_end_to_end import FAST, cache_dir, launch, point_results  # noqa: F401  (cache_dir: a fixture)
+from tests.helpers import FAST, launch, point_results
 
 # A writer rewrites version after version of result.json and of a realistic train state (a 2-layer
 # model's weights + AdamW moments, ~3 MB), each version filled with its own number. Writers are
@@ -74,6 +74,7 @@ def _check_complete(folder: Path) -> tuple[int, int]:
     return result_version, state_version
 
 
+@pytest.mark.slow  # writer subprocesses killed mid-write (about 7 s)
 def test_sigkill_mid_write_leaves_a_complete_version(tmp_path):
     """20 SIGKILLs at random moments (seeded) of a process that rewrites result.json and the train
     state in a loop: after each, both files on disk are complete versions, never a torn write."""

@@ -218,7 +218,8 @@ def test_an_ok_run_without_a_summary_is_named(caplog):
 
 
 def test_a_json_object_file_and_a_folder_are_named_for_what_they_are(tmp_path):
-    from kd_sweeps.sources import SourceError, load_reasoning_dataset
+    from kd_sweeps.prepare import load_reasoning_dataset
+    from kd_sweeps.sources import SourceError
 
     one_object = tmp_path / "data.json"
     one_object.write_text(json.dumps({"data": [{"problem": "p"}], "version": 1}, indent=2))
@@ -295,12 +296,12 @@ def test_every_rank_of_a_claimed_multi_process_point_stops_without_writing(tmp_p
     """``torchrun --nproc_per_node 2 launch.py`` on a point another launch holds: rank 0 finds the
     claim and tells rank 1 once both have joined the process group, so neither trains nor waits for
     the other; nothing of the point is written."""
-    from tests.test_distributed import E2E, _free_port
+    from tests.helpers import E2E, free_port
 
     point = tmp_path / "point"
     env = {**os.environ, "KD_SWEEPS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port())]
+                "--master_port", str(free_port())]
     with PointClaim(point):
         proc = subprocess.run([*torchrun, str(ROOT / "launch.py"), *E2E, "logger=disabled",
                                f"hydra.run.dir={point}"], cwd=tmp_path, env=env, capture_output=True,
@@ -310,3 +311,15 @@ def test_every_rank_of_a_claimed_multi_process_point_stops_without_writing(tmp_p
     assert f"pid {os.getpid()}" in proc.stderr  # rank 0 names the holder
     assert not (point / RESULT_FILE).exists() and not (point / "train_state").exists()
     assert not (tmp_path / "cache").exists()  # no rank got as far as preparing a model
+
+
+def test_a_link_that_loops_back_into_a_sweep_does_not_count_it_twice(tmp_path):
+    from analysis.grid import expected_grid, sweep_dirs
+
+    sweep = tmp_path / "sweep"
+    (sweep / "p1").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra:\n  overrides:\n    task:\n    - trunc=0.5,1.0\n")
+    (sweep / "p1" / "up").symlink_to(sweep)  # a loop: sweep/p1/up/p1/up/...
+    (tmp_path / "alias").symlink_to(sweep)
+    assert sweep_dirs(tmp_path) == [sweep]
+    assert len(expected_grid(sweep)) == 2

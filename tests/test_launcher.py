@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONF, ROOT
+from tests.helpers import slurm_skip_reason
 
 GOLDEN = ROOT / "tests" / "golden" / "sbatch"
 PRESETS = sorted(p.stem for p in (CONF / "launcher").glob("*.yaml"))
@@ -173,37 +174,14 @@ def test_every_slurm_preset_has_a_golden_file_and_no_other():
 # --------------------------------------------------------------------------- a real Slurm
 
 
-def _slurm_skip_reason() -> str | None:
-    import shutil
-
-    if shutil.which("sinfo") is None:
-        return "sinfo not on PATH (no Slurm; start one with .ci/slurm/up.sh)"
-    import time
-
-    deadline = time.monotonic() + 60  # a node still finishing an earlier test's jobs is busy, not absent
-    while True:
-        try:
-            out = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%T"], capture_output=True, text=True,
-                                 timeout=5)
-        except (subprocess.TimeoutExpired, OSError) as err:
-            return f"sinfo did not answer ({err}); start Slurm with .ci/slurm/up.sh"
-        states = out.stdout.split()
-        if out.returncode == 0 and "idle" in states:
-            return None
-        if out.returncode != 0 or not {"completing", "mixed", "allocated"} & set(states) \
-                or time.monotonic() > deadline:
-            return f"no idle node in partition debug ({(out.stdout + out.stderr).strip() or 'no output'})"
-        time.sleep(1)
-
-
 @pytest.mark.slurm
 @pytest.mark.timeout(600)
 def test_tiny_preset_runs_on_a_real_slurm(tmp_path):
     """The CPU preset's sbatch file is accepted by a real Slurm and both points finish there."""
-    reason = _slurm_skip_reason()
+    reason = slurm_skip_reason()
     if reason:
         pytest.skip(reason)
-    from tests.test_end_to_end import FAST
+    from tests.helpers import FAST
 
     sweep = tmp_path / "sweep"
     env = {**os.environ, "KD_SWEEPS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}

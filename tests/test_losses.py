@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_sweeps.losses import LOSS_NAMES, ce_loss, kd_loss, masked_mean, token_divergence, total_loss
+from tests.helpers import kl, ref_divergence_from_probs
 
 B, T, V = 3, 5, 11
 # Non-default values as well, so a parameter that is silently ignored shows up.
@@ -17,38 +18,9 @@ def _probs(logits):
     return z / z.sum(dim=-1, keepdim=True)
 
 
-def _kl(p, q):
-    # Written for strictly positive p, q (random finite logits).
-    return (p * torch.log(p / q)).sum(-1)
-
-
 def ref_divergence(s_logits, t_logits, name, beta=0.5, alpha=0.1, mix=0.5):
     """Per-position divergence (...,) from explicit formulas."""
     return ref_divergence_from_probs(_probs(s_logits), _probs(t_logits), name, beta, alpha, mix)
-
-
-def ref_divergence_from_probs(ps, pt, name, beta=0.5, alpha=0.1, mix=0.5):
-    """The same formulas on probabilities (..., K): also usable on bucketed distributions."""
-    if name == "forward_kl":
-        return _kl(pt, ps)
-    if name == "reverse_kl":
-        return _kl(ps, pt)
-    if name == "combined_kl":
-        return mix * _kl(pt, ps) + (1 - mix) * _kl(ps, pt)
-    if name == "jsd":
-        if beta == 0:
-            return _kl(pt, ps)
-        if beta == 1:
-            return _kl(ps, pt)
-        m = (1 - beta) * ps + beta * pt
-        return (1 - beta) * _kl(ps, m) + beta * _kl(pt, m)
-    if name == "tvd":
-        return 0.5 * (ps - pt).abs().sum(-1)
-    if name == "skew_kl":
-        return _kl(pt, (1 - alpha) * ps + alpha * pt)
-    if name == "skew_reverse_kl":
-        return _kl(ps, (1 - alpha) * pt + alpha * ps)
-    raise AssertionError(name)
 
 
 def ref_kd(s_logits, t_logits, mask, name, temperature=1.0, **params):
@@ -188,12 +160,12 @@ def test_zero_teacher_probabilities_are_finite(name):
         div = 0.5 * (ps - pt).abs().sum(-1)
     elif name == "jsd":
         m = 0.5 * ps + 0.5 * pt
-        div = 0.5 * _kl(ps, m) + 0.5 * (torch.xlogy(pt, pt) - pt * torch.log(m)).sum(-1)
+        div = 0.5 * kl(ps, m) + 0.5 * (torch.xlogy(pt, pt) - pt * torch.log(m)).sum(-1)
     elif name == "skew_kl":
         m = 0.9 * ps + 0.1 * pt
         div = (torch.xlogy(pt, pt) - pt * torch.log(m)).sum(-1)
     else:
-        div = _kl(ps, 0.9 * pt + 0.1 * ps)
+        div = kl(ps, 0.9 * pt + 0.1 * ps)
     m = mask.double()
     want = (div * m).sum() / m.sum()
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-12)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, compose_config
+from tests.helpers import free_port
 from tests.qwen3_hub import STUDENT, TEACHER
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -87,12 +87,6 @@ def test_paper_path_one_process(qwen3_dir, tmp_path, monkeypatch):
         [151644, 151645, 151667, 151668]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_paper_path_two_processes(qwen3_dir, tmp_path):
     """The same point under ``torchrun --nproc_per_node 2`` (gloo): one sequence per rank per
@@ -101,7 +95,7 @@ def test_paper_path_two_processes(qwen3_dir, tmp_path):
            "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(_free_port()), str(ROOT / "launch.py"), *_overrides(out),
+               "--master_port", str(free_port()), str(ROOT / "launch.py"), *_overrides(out),
                f"hydra.run.dir={out}"]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -66,7 +66,7 @@ def test_embedded_cache_key_holds_the_resolved_precision(monkeypatch, native):
 @pytest.mark.parametrize("native", [True, False])
 def test_the_loop_autocasts_to_bf16_only_where_auto_resolves_to_it(monkeypatch, native):
     from kd_sweeps import train
-    from tests.test_train import tiny_setup
+    from tests.helpers import tiny_setup
 
     tokenizer, examples, student, _ = tiny_setup(16)
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)

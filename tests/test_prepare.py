@@ -149,7 +149,9 @@ def test_a_second_grid_point_reads_the_cache_without_tokenizing(qwen3_tokenizer,
     def no_tokenizing(*_):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(data, "template_ids", no_tokenizing)
+    from kd_sweeps import chat_format
+
+    monkeypatch.setattr(chat_format, "template_ids", no_tokenizing)
     again = prepare.prepared_splits(path, **args)
     assert not again[2].prepared_here
     assert again[0]["input_ids"] == first[0]["input_ids"] and again[1]["row"] == first[1]["row"]
@@ -167,8 +169,10 @@ def test_other_ranks_wait_for_the_builder_then_read_its_tables(qwen3_tokenizer, 
                 cache_dir=tmp_path)
     with pytest.raises(SourceError, match="stopped before it finished"):  # rank 0 failed before building
         prepare.prepared_splits(path, **args, build=False, stop=lambda: True)
-    calls, tokenize = [], data.template_ids
-    monkeypatch.setattr(data, "template_ids", lambda *a: calls.append(threading.current_thread().name) or tokenize(*a))
+    from kd_sweeps import chat_format
+
+    calls, tokenize = [], chat_format.template_ids
+    monkeypatch.setattr(chat_format, "template_ids", lambda *a: calls.append(threading.current_thread().name) or tokenize(*a))
     waited = {}
     rank1 = threading.Thread(target=lambda: waited.update(out=prepare.prepared_splits(path, **args, build=False)),
                              name="rank1")

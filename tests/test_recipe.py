@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kd_sweeps import data, distributed, run, train
 from kd_sweeps.distributed import DistEnv
 from tests.conftest import compose_config
-from tests.test_train import tiny_setup
+from tests.helpers import tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 

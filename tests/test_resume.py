@@ -10,11 +10,10 @@ import signal
 import pytest
 import torch
 
-from kd_sweeps import run, train
+from kd_sweeps import evaluate, run, train
 from kd_sweeps.checkpoint import Preempted, TrainState
 from tests.conftest import compose_config
-from tests.test_end_to_end import FAST
-from tests.test_train import tiny_setup
+from tests.helpers import FAST, tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
@@ -123,16 +122,16 @@ def test_an_evaluation_interrupted_in_the_training_job_resumes_without_training_
     uninterrupted run's (the per-problem completions come back from eval/<benchmark>.jsonl)."""
     overrides = [*FAST, "train.max_steps=4", f"cache_dir={tmp_path / 'cache'}", "logger=disabled"]
     reference = run.main(compose_config([*overrides, f"output_dir={tmp_path / 'a'}"]))
-    real_evaluate = run.evaluate_model
+    real_evaluate = evaluate.evaluate_model
 
     def stopped(*args, **kwargs):
         raise Preempted("time limit during the evaluation")  # as Slurm would stop it
 
-    monkeypatch.setattr(run, "evaluate_model", stopped)
+    monkeypatch.setattr(evaluate, "evaluate_model", stopped)
     with pytest.raises(Preempted):
         run.main(compose_config([*overrides, f"output_dir={tmp_path / 'b'}"]))
     assert (tmp_path / "b" / "train_state" / "train_state.pt").exists()  # the trained state survived
-    monkeypatch.setattr(run, "evaluate_model", real_evaluate)
+    monkeypatch.setattr(evaluate, "evaluate_model", real_evaluate)
     steps = []
     real_step = train._optimizer_step
     monkeypatch.setattr(train, "_optimizer_step", lambda *a, **k: steps.append(a[9]) or real_step(*a, **k))

@@ -19,13 +19,14 @@ import pytest
 import torch
 
 from kd_sweeps import data, models, teacher_cache
-from kd_sweeps.sources import SourceError, load_reasoning_dataset
+from kd_sweeps.prepare import load_reasoning_dataset
+from kd_sweeps.sources import SourceError
 from kd_sweeps.synthetic import make_split
 from kd_sweeps.tokenizer import build_tokenizer
 from kd_sweeps.tracking import RESULT_FILE, Tracker, write_json_atomic
 from kd_sweeps.validation import ConfigError, validate
 from tests.conftest import ROOT, compose_config
-from tests.test_teacher_cache import encoded_split, tiny_model
+from tests.helpers import encoded_split, tiny_model
 from tests.tiny_hub import build_tiny_hub_model
 
 TINY_SPEC = {"source": "embedded", "name_or_path": "t", "layers": 1, "hidden": 16, "heads": 2, "prep_steps": 0,
@@ -92,6 +93,9 @@ def test_local_paths_are_checked_before_any_work(case, tmp_path):
 
 def test_a_hub_id_is_not_mistaken_for_a_missing_folder():
     validate(compose_config(["model.teacher.source=pretrained", "model.teacher.name_or_path=Qwen/Qwen3-8B"]))
+    # The same name written as a path is a folder, and a missing one is refused with the key.
+    with pytest.raises(ConfigError, match=r"model\.teacher\.name_or_path='\./Qwen/Qwen3-8B': no such folder"):
+        validate(compose_config(["model.teacher.source=pretrained", "model.teacher.name_or_path=./Qwen/Qwen3-8B"]))
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -312,6 +316,7 @@ except RuntimeError as err:
 """
 
 
+@pytest.mark.slow  # a subprocess that starts W&B online (about 5 s)
 def test_wandb_unreachable_online_fails_fast_names_the_mode_and_is_recorded(tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))

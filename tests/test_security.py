@@ -16,7 +16,7 @@ import torch
 
 from kd_sweeps.redact import REDACTED, env_secrets, looks_secret, redact, redact_text
 from tests.conftest import ROOT
-from tests.test_end_to_end import FAST, cache_dir, launch  # noqa: F401  (cache_dir: a fixture)
+from tests.helpers import FAST, launch
 
 # Made-up tokens of the shapes the scrubber knows (none is a real credential).
 HF = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz012345"

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.test_launcher import _slurm_skip_reason
+from tests.helpers import slurm_skip_reason
 
 submitit = pytest.importorskip("submitit")
 
@@ -21,7 +21,7 @@ PARTITION = "debug"
 
 @pytest.fixture(scope="module", autouse=True)
 def _require_idle_cluster():
-    reason = _slurm_skip_reason()
+    reason = slurm_skip_reason()
     if reason:
         pytest.skip(reason)
 

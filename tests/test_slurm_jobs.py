@@ -15,8 +15,7 @@ import pytest
 from analysis.wandb_offline import find_runs, is_summary, read_run, read_runs
 from kd_sweeps.wandb_naming import point_of_wandb_id
 from tests.conftest import ROOT
-from tests.test_end_to_end import FAST, point_results
-from tests.test_launcher import _slurm_skip_reason
+from tests.helpers import FAST, point_results, slurm_skip_reason
 
 pytestmark = pytest.mark.slurm
 SLURM = ["launcher=slurm_cpu_tiny", "hydra.launcher.partition=debug"]
@@ -27,7 +26,7 @@ LONG = [arg for arg in FAST if not arg.startswith("train.max_steps=")] + [
 
 @pytest.fixture(autouse=True)
 def _require_slurm():
-    reason = _slurm_skip_reason()
+    reason = slurm_skip_reason()
     if reason:
         pytest.skip(reason)
 

@@ -17,8 +17,8 @@ from kd_sweeps.sources import (  # noqa: E402  (offline mode must be set before 
     SourceError,
     format_record,
     infer_schema,
-    load_reasoning_dataset,
 )
+from kd_sweeps.prepare import load_reasoning_dataset  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
 RAW_MARKERS = ("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>")

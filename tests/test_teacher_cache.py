@@ -13,32 +13,15 @@ import pytest
 import torch
 
 from kd_sweeps import teacher_cache
-from kd_sweeps.chunked_loss import chunked_kd_ce, hidden_and_head, supervised_positions
-from kd_sweeps.data import IGNORE_INDEX, collate, encode, training_examples
+from kd_sweeps.chunked_loss import chunked_kd_ce, final_hidden_and_head_weight, supervised_positions
+from kd_sweeps.data import IGNORE_INDEX, collate, training_examples
 from kd_sweeps.sections import supervised_tokens
 from kd_sweeps.teacher_cache import CacheError, TeacherCache, build_cache
+from tests.helpers import encoded_split, tiny_model
 
 TEMPERATURE = 2.0  # not 1: the stored values must be log-probs at the loss temperature
 K = 8
 FP16_TOL = 4e-3  # fp16 log-probs of magnitude < 8 are within 2**-8; plus fp32 batch-shape noise
-
-
-def tiny_model(tokenizer, seed: int):
-    from transformers import Qwen3ForCausalLM
-
-    from kd_sweeps.models import qwen3_config
-
-    torch.manual_seed(seed)
-    config = qwen3_config({"layers": 1, "hidden": 32, "heads": 2}, tokenizer)
-    config.initializer_range = 0.2  # peakier than the default 0.02: top-k sets are not near-ties
-    return Qwen3ForCausalLM(config).eval()
-
-
-def encoded_split(tokenizer, n: int, seed: int):
-    from kd_sweeps.synthetic import make_split
-
-    encoded, _ = encode(make_split(n, seed), tokenizer, max_tokens=10**6)
-    return encoded
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +127,8 @@ def test_windows_after_token_zero_are_refused(setup):
     teacher_cache.check_truncation("lead")
     teacher_cache.check_truncation("random_labels")
     for mode in ("middle", "right"):
-        with pytest.raises(CacheError, match=f"truncation.mode='{mode}'"):
+        with pytest.raises(CacheError, match=rf"^train\.teacher_cache=topk needs .*truncation.mode='{mode}'.*"
+                                             r"\(train\.teacher_cache=none\)"):  # the config keys a user sets
             teacher_cache.check_truncation(mode)
         window, mask = supervised_tokens(len(enc.input_ids), enc.spans, ("CoT",), 0.5, mode)
         with pytest.raises(CacheError, match="starts after token 0"):
@@ -166,10 +150,10 @@ def test_sparse_loss_from_the_cache_at_k_v_minus_1_equals_the_dense_loss(setup, 
     student = tiny_model(setup["tokenizer"], seed=1)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
-        teacher_hidden, teacher_weight = hidden_and_head(teacher, **inputs)
+        teacher_hidden, teacher_weight = final_hidden_and_head_weight(teacher, **inputs)
     losses, grads = [], []
     for sparse in (False, True):
-        hidden, weight = hidden_and_head(student, **inputs)  # (B, T, H), (V, H)
+        hidden, weight = final_hidden_and_head_weight(student, **inputs)  # (B, T, H), (V, H)
         picked = hidden.flatten(0, 1)[rows]  # (N, H)
         picked.retain_grad()
         teacher_args = ((None, None, {"teacher_topk": cache.gather(range(8), windows, masks)}) if sparse else
@@ -288,6 +272,7 @@ def _build_in_child(folder, barrier, results) -> None:
     results.put((os.getpid(), cache.built, cache.meta["built_by_pid"]))
 
 
+@pytest.mark.slow  # two spawned processes (about 5 s)
 def test_two_processes_build_the_cache_once(tmp_path):
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(2), context.Queue()
@@ -335,7 +320,7 @@ def test_a_point_reading_a_built_cache_never_loads_the_teacher(tmp_path, monkeyp
     and trains exactly as it would with the teacher loaded, without preparing or loading it."""
     from kd_sweeps import models, run
     from tests.conftest import compose_config
-    from tests.test_end_to_end import FAST
+    from tests.helpers import FAST
 
     monkeypatch.setenv("KD_SWEEPS_CACHE", str(tmp_path / "cache"))
 

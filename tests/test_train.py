@@ -7,27 +7,9 @@ import copy
 import pytest
 import torch
 
-from kd_sweeps import data, models, train
+from kd_sweeps import data, train
 from kd_sweeps.synthetic import make_split
-from kd_sweeps.tokenizer import build_tokenizer
-
-TINY = {"layers": 1, "hidden": 32, "heads": 2}
-
-
-def tiny_setup(n_sequences: int, attn: str = "eager"):
-    """(tokenizer, examples, student, frozen teacher): embedded-task traces, CoT+A at trunc 0.5,
-    random 1-layer Qwen3s (the teacher wider)."""
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    encoded, _ = data.encode(make_split(n_sequences, seed=0), tokenizer, 4096)
-    examples, _ = data.training_examples(encoded, ("CoT", "A"), 0.5, "lead", False, 0)
-    from transformers import Qwen3ForCausalLM
-
-    student = Qwen3ForCausalLM._from_config(models.qwen3_config(TINY, tokenizer), attn_implementation=attn)
-    teacher = Qwen3ForCausalLM._from_config(models.qwen3_config({**TINY, "hidden": 48}, tokenizer),
-                                            attn_implementation=attn)
-    teacher.requires_grad_(False)
-    return tokenizer, examples, student, teacher
+from tests.helpers import tiny_setup
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,12 @@ def problems(overrides) -> str:
 
 
 def test_default_config_is_valid():
-    validate(compose_config())
+    cfg = compose_config()
+    validate(cfg)
+    # The default is the embedded demo: models and data made in code, W&B offline (no download, no account).
+    assert (cfg.model.teacher.source, cfg.model.student.source, cfg.data.source) == ("embedded", "embedded",
+                                                                                     "synthetic")
+    assert list(cfg.eval.benchmarks) == ["synthetic"] and cfg.logger.mode == "offline"
 
 
 @pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "nan"])
@@ -81,8 +86,14 @@ def test_all_problems_are_reported_at_once():
 
 def test_window_modes_accept_any_ratio():
     # Windows are defined for every ratio (left/middle/right keep max(1, int(L * trunc)) tokens).
+    from kd_sweeps.sections import kept_window
+
     for mode in ("left", "middle", "right", "random_labels"):
         validate(compose_config([f"truncation.mode={mode}", "trunc=0.3"]))
+        for length in (1, 2, 10, 101):
+            start, end = kept_window(length, 0.3, mode)
+            kept = length if mode == "random_labels" else max(1, int(length * 0.3))  # random_labels thins labels
+            assert 0 <= start < end <= length and end - start == kept, (mode, length)
 
 
 def test_unknown_key_is_rejected_by_the_schema():
