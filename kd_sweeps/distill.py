@@ -164,11 +164,12 @@ class OnPolicy:
 
 
 def sequences_folder(cache_dir: Path, teacher_id: str, data_fingerprint: str, generator: Generator,
-                     max_new_tokens: int | None, seed: int) -> tuple[Path, dict]:
+                     max_new_tokens: int | None, max_tokens: int, seed: int) -> tuple[Path, dict]:
+    """Where the teacher's completions for this (teacher, data, stop ids, sampling, budget) live."""
     key = {"teacher": str(teacher_id), "data": data_fingerprint, "stop_ids": generator.stop_ids,
            "sampling": [generator.sampling.temperature, generator.sampling.top_p, generator.sampling.top_k],
-           "max_new_tokens": max_new_tokens, "seed": seed if generator.sampling.temperature > 0 else None,
-           "version": SEQUENCES_VERSION}
+           "max_new_tokens": max_new_tokens, "max_tokens": max_tokens,
+           "seed": seed if generator.sampling.temperature > 0 else None, "version": SEQUENCES_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / f"teacher-sequences-{digest}", key
 

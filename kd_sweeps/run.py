@@ -187,7 +187,7 @@ def _distill_source(cfg: DictConfig, tokenizer, teacher, student, encoded, examp
                                    ModelShape.from_config(student.model.config))
         return encoded, examples, skipped, rollout, {}
     folder, key = distill.sequences_folder(cache_dir, teacher.path, teacher_cache.dataset_fingerprint(encoded),
-                                           generator, d.max_new_tokens, cfg.seed)
+                                           generator, d.max_new_tokens, cfg.data.max_tokens, cfg.seed)
     encoded, summary = distill.teacher_sequences(teacher.model, encoded, generator, folder, key, d.max_new_tokens,
                                                  cfg.data.max_tokens, cfg.seed,
                                                  ModelShape.from_config(teacher.model.config), autocast)

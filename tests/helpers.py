@@ -49,6 +49,7 @@ FAST = [
     "model.student.prep_steps=4", "model.student.prep_examples=256", "model.student.prep_eval_problems=8",
     "data.n_train=64", "data.n_test=8", "train.max_steps=3", "train.batch_size=8",
     "eval.n_problems=8", "eval.max_new_tokens=48", "train.num_threads=1",
+    "eval.baselines=[]",  # the references cost two evaluations: tested where asked for (test_baselines.py)
 ]
 
 
@@ -81,7 +82,7 @@ E2E = ["model.teacher.prep_steps=0", "model.teacher.prep_examples=64", "model.te
        "model.student.prep_steps=0", "model.student.prep_examples=64", "model.student.prep_eval_problems=4",
        "data.n_train=64", "data.n_test=4", "train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=2",
        "train.precision=fp32", "train.checkpoint_every=2", "train.device=cpu", "train.num_threads=1",
-       "eval.n_problems=4", "eval.max_new_tokens=16"]
+       "eval.n_problems=4", "eval.max_new_tokens=16", "eval.baselines=[]"]
 # Splitting a step differently only reorders sums: ~1e-7 relative in fp32. AdamW then moves every
 # weight by ~lr whatever its gradient's size, so where a gradient is nearly zero that rounding shows
 # in the weights up to ~lr times its relative size; exactness of the update is checked in float64.

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, *extra):
-    cfg = compose_config([*FAST, "logger=disabled", "train.max_steps=1", f"cache_dir={tmp_path / 'cache'}", *extra])
+    cfg = compose_config([*FAST, "logger=disabled", "train.max_steps=1", f"cache_dir={tmp_path / 'cache'}",
+                          "eval.baselines=[student,teacher]", *extra])
     cfg.output_dir = str(tmp_path / "point")
     return cfg
 

@@ -26,8 +26,9 @@ EVAL_KEYS = ("accuracy", "accuracy_stderr", "eval/synthetic/accuracy", "eval/syn
 @pytest.mark.slow  # two sweeps launched as a user does (subprocesses that train and evaluate)
 def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cache_dir):
     together, apart = tmp_path / "together", tmp_path / "apart"
-    launch(["-m", "trunc=1.0", f"hydra.sweep.dir={together}", *FAST], tmp_path, cache_dir)
-    out = launch(["-m", "trunc=1.0", f"hydra.sweep.dir={apart}", "eval.separate_job=true", *FAST],
+    refs = "eval.baselines=[student,teacher]"  # measured in the training job, then read by the evaluation job
+    launch(["-m", "trunc=1.0", f"hydra.sweep.dir={together}", *FAST, refs], tmp_path, cache_dir)
+    out = launch(["-m", "trunc=1.0", f"hydra.sweep.dir={apart}", "eval.separate_job=true", *FAST, refs],
                  tmp_path, cache_dir)
     assert "1 grid point(s): 1 ran, 0 skipped (already done), 0 failed" in out.stdout
     (one,), (other,) = point_results(together), point_results(apart)
