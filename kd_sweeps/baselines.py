@@ -42,6 +42,21 @@ def baseline_folder(cfg: DictConfig, role: str, model_path: str) -> Path:
     return Path(cfg.cache_dir).expanduser() / "baselines" / f"{role}-{key}"
 
 
+def local_folder(model_path: str) -> Path:
+    """The folder holding a model's files: ``model_path`` itself, or for a hub id its snapshot in the
+    local Hugging Face cache (the run loaded it from there; nothing is downloaded here). The
+    evaluation keys its resumable results by the files' bytes, so it needs them on disk."""
+    if Path(model_path).expanduser().is_dir():
+        return Path(model_path).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model_path), local_files_only=True))
+    except Exception as err:  # noqa: BLE001 - the library's not-cached errors vary by version
+        raise FileNotFoundError(f"{model_path!r} is neither a local folder nor in the local Hugging Face cache "
+                                f"({type(err).__name__}); load it once (or set HF_HOME to where it is)") from err
+
+
 def measure(cfg: DictConfig, role: str, model_path: str, tokenizer, device, eval_sets: dict) -> dict | None:
     """The evaluation summary of the untrained ``role`` model (``evaluate.evaluate_model``'s keys: the
     function that evaluates the grid points), from the cache or measured now; None when another
@@ -61,11 +76,11 @@ def measure(cfg: DictConfig, role: str, model_path: str, tokenizer, device, eval
                 except ValueError:  # a damaged file: measured again (its completions resume from eval/)
                     log.warning("reference %s is damaged; evaluating %s again", done, role)
             started = time.perf_counter()
+            files = local_folder(model_path)
             engine = evaluate.resolve_engine(cfg.eval.engine, device)
-            model = None if engine == "vllm" else selection.load_checkpoint(Path(model_path), device,
+            model = None if engine == "vllm" else selection.load_checkpoint(files, device,
                                                                             cfg.model.attn_implementation)
-            summary = evaluate.evaluate_model(cfg, model, tokenizer, eval_sets, device, Path(model_path),
-                                              folder / "eval")
+            summary = evaluate.evaluate_model(cfg, model, tokenizer, eval_sets, device, files, folder / "eval")
             summary.update(model=str(model_path), seconds=time.perf_counter() - started, eval_engine=engine)
             write_json_atomic(done, summary)
             log.info("reference %s (%s): accuracy %.3f, measured in %.0f s", role, model_path,
@@ -81,10 +96,15 @@ def reference_summary(cfg: DictConfig, paths: dict[str, str], tokenizer, device,
     measurement took) for the roles in ``eval.baselines``; ``paths``: role -> folder or hub id."""
     summary: dict = {}
     for role in cfg.eval.baselines:
-        found = measure(cfg, role, paths[role], tokenizer, device, eval_sets)
+        prefix = PREFIX[role]
+        try:
+            found = measure(cfg, role, paths[role], tokenizer, device, eval_sets)
+        except Exception as err:  # noqa: BLE001 - a reference that cannot be measured must not fail the point
+            log.warning("reference %s (%s) not measured: %s: %s", role, paths[role], type(err).__name__, err)
+            summary[f"{prefix}_reference_error"] = f"{type(err).__name__}: {err}"
+            continue
         if found is None:
             continue
-        prefix = PREFIX[role]
         summary[f"{prefix}_accuracy"] = found["accuracy"]
         summary[f"{prefix}_accuracy_stderr"] = found["accuracy_stderr"]
         for bench in cfg.eval.benchmarks:

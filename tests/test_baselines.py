@@ -65,3 +65,25 @@ def test_an_unknown_reference_is_named(compose):
 
     with pytest.raises(ConfigError, match=r"eval.baselines\[\]='base'.*student, teacher"):
         validate(compose(["eval.baselines=[base]"]))
+
+
+def test_a_hub_reference_is_read_from_the_local_cache_and_a_missing_one_does_not_fail_the_point(tmp_path,
+                                                                                               monkeypatch):
+    """A hub id is evaluated from its snapshot in the local Hugging Face cache (the run loaded it from
+    there); one that is not there is named in the record and the point's own result stands."""
+    from tests.tiny_hub import build_tiny_hub_model
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / ("a" * 40)
+    build_tiny_hub_model(snapshot)
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert baselines.local_folder("org/tiny") == snapshot
+    with pytest.raises(FileNotFoundError, match="'org/absent' is neither a local folder nor in the local"):
+        baselines.local_folder("org/absent")
+    cfg = _cfg(tmp_path, "eval.baselines=[teacher]")
+    found = baselines.reference_summary(cfg, {"teacher": "org/absent"}, None, "cpu", {})
+    assert list(found) == ["teacher_reference_error"] and "org/absent" in found["teacher_reference_error"]
