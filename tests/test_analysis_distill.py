@@ -30,7 +30,7 @@ TRUNCS = (0.5, 1.0)
 
 def distill_record(mode: str, trunc: float, acc: float = 0.6, run_id: str | None = None,
                    **distill) -> dict:
-    """A record as the trainer writes it with distill.mode: the costs of kd_sweeps.run.distill_cost."""
+    """A record as the trainer writes it with distill.mode: the costs of kd_sweeps.recipe.distill_cost."""
     train = 1e12 * trunc
     rec = record(run_id or f"{mode}-{trunc}", "all", trunc, acc, flops=train)
     rec["config"]["distill"] = {"mode": mode, **PRESETS[mode], "top_p": 1.0, "top_k": 0,

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_sweeps import data, distributed, run, train
+from kd_sweeps import data, distributed, recipe, train
 from kd_sweeps.distributed import DistEnv
 from tests.conftest import compose_config
 from tests.helpers import tiny_setup
@@ -151,10 +151,10 @@ def test_settled_config_resolves_precision_and_derives_steps(monkeypatch, bf16_h
     from kd_sweeps import precision
 
     monkeypatch.setattr(precision, "native_bf16", lambda device: bf16_here)
-    paper = run.settled_config(compose_config(["train=paper"]), torch.device("cpu"), 8001)
+    paper = recipe.settled_config(compose_config(["train=paper"]), torch.device("cpu"), 8001)
     assert paper.train.max_steps == 4001  # ceil(2 epochs x 8,001 rows / 4)
     assert paper.train.precision == ("bf16" if bf16_here else "fp32")
-    tiny = run.settled_config(compose_config(["train.max_steps=150", "train.precision=fp32"]), torch.device("cpu"),
+    tiny = recipe.settled_config(compose_config(["train.max_steps=150", "train.precision=fp32"]), torch.device("cpu"),
                               4000)
     assert (tiny.train.max_steps, tiny.train.precision) == (150, "fp32")  # explicit values stay
 
