@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps import baselines, data, distributed, evaluate, models, selection, teacher_cache, train
+from kd_sweeps import baselines, data, distributed, evaluate, models, selection, teacher_cache, teachers, train
 from kd_sweeps.cost import CostMeter, ModelShape
 from kd_sweeps.memory import PeakMemory
-from kd_sweeps.tracking import RESULT_FILE, read_result
+from kd_sweeps.tracking import read_result
 from kd_sweeps.validation import check_topk
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,8 @@ class PointRecipe:
         main_first = env.distributed and "embedded" in (cfg.model.teacher.source, cfg.model.student.source)
         if main_first and not env.is_main:
             distributed.barrier(env)
-        # The data's fingerprint keys the teacher's top-k cache (hashing every token once per point).
-        fingerprint = teacher_cache.dataset_fingerprint(self.encoded) if cfg.train.teacher_cache == "topk" else ""
-        self.teacher, self.student = models.load_pair(
-            cfg, self.tokenizer, self.device,
-            teacher=_ready_teacher_cache(cfg, self.tokenizer, fingerprint, self.cache_dir))
+        stand_in, fingerprint = teachers.stand_in(cfg, self.tokenizer, self.encoded, self.cache_dir)
+        self.teacher, self.student = models.load_pair(cfg, self.tokenizer, self.device, teacher=stand_in)
         if main_first and env.is_main:
             distributed.barrier(env)
         if cfg.distill.mode != "offline":  # before sharding: the teacher generates as a plain module
@@ -108,14 +105,8 @@ class PointRecipe:
             distributed.enable_activation_checkpointing(self.student.model)
         # The model itself for one process; sharded, it computes in bf16 under train.precision=bf16.
         self.student_model = distributed.shard_student(self.student.model, env, cfg.train.precision)
-        if cfg.train.teacher_cache == "topk":
-            vocab = min(models.output_rows(self.teacher), models.output_rows(self.student))
-            self.teacher_model, self.cache_summary = _cached_teacher(
-                cfg, self.teacher, self.encoded, fingerprint, self.cache_dir, self.device, vocab, env, self.output_dir)
-            self.teacher_shape = None  # no teacher FLOPs per step; the build is reported once, in the summary
-        else:
-            self.teacher_model = distributed.place_teacher(self.teacher.model, env, cfg.train.teacher_parallel)
-            self.teacher_shape = ModelShape.from_config(self.teacher.model.config)
+        self.teacher_model, self.teacher_shape, self.cache_summary = teachers.for_steps(
+            cfg, self.teacher, self.student, self.encoded, fingerprint, self.cache_dir, env, self.output_dir)
 
     # ----------------------------------------------------------------------------------- train
 
@@ -253,57 +244,6 @@ def settled_config(cfg: DictConfig, device, n_examples: int) -> DictConfig:
     if cfg.train.max_steps is None:
         settled.train.max_steps = math.ceil(cfg.train.epochs * n_examples / cfg.train.batch_size)
     return settled
-
-
-def _teacher_cache_folder(cfg: DictConfig, teacher_path: str, teacher_rows: int, vocab: int, fingerprint: str,
-                          cache_dir: Path) -> tuple[Path, dict]:
-    """Where the teacher's top-k cache for this (teacher, data, formatting, k, temperature,
-    precision, compared columns) lives, and its key."""
-    key = dict(teacher_id=str(teacher_path), dataset_fingerprint=fingerprint,
-               formatting=f"{cfg.data.name}:{models.TASK_VERSION}", max_tokens=cfg.data.max_tokens,
-               k=cfg.train.teacher_topk, temperature=cfg.loss.temperature, precision=cfg.train.precision)
-    fields, suffix = teacher_cache.key_fields(**key), ""
-    if vocab != teacher_rows:
-        fields["vocab"] = vocab
-        suffix = f"-v{vocab}"
-    return cache_dir / f"teacher-topk-{teacher_cache.cache_key(**key)}{suffix}", fields
-
-
-def _ready_teacher_cache(cfg: DictConfig, tokenizer, fingerprint: str, cache_dir: Path):
-    """The teacher's stand-in (no weights) when its top-k cache is built already, else None: a point
-    that only reads the cache never loads the teacher (at paper scale, 16 GB and a minute per point)."""
-    if cfg.train.teacher_cache != "topk":
-        return None
-    stand_in = models.teacher_without_weights(cfg, tokenizer)
-    student_rows = models.planned_rows(cfg, "student", tokenizer)
-    if stand_in is None or student_rows is None:
-        return None
-    folder, _ = _teacher_cache_folder(cfg, stand_in.path, stand_in.rows, min(stand_in.rows, student_rows),
-                                      fingerprint, cache_dir)
-    return stand_in if (folder / "meta.json").exists() else None
-
-
-def _cached_teacher(cfg: DictConfig, teacher, encoded, fingerprint: str, cache_dir: Path, device, vocab: int,
-                    env: distributed.DistEnv, output_dir: Path) -> tuple:
-    """The teacher's top-k cache, built once per sweep under a file lock and shared by every grid
-    point; and what its build cost. ``vocab``: the columns KD compares (fewer than the teacher's
-    rows when the student's head is padded less). In a multi-process point rank 0 builds it (its
-    record says so) while the other ranks wait for it."""
-    folder, fields = _teacher_cache_folder(cfg, teacher.path, models.output_rows(teacher), vocab, fingerprint,
-                                           cache_dir)
-    started = time.perf_counter()
-    if not env.is_main:  # polled, not a collective: a build can outlast the process group's timeout
-        while not (folder / "meta.json").exists():
-            if (read_result(output_dir) or {}).get("status") == "failed":
-                raise RuntimeError(f"rank 0 failed before the teacher cache {folder} was built; see "
-                                   f"{output_dir / RESULT_FILE}")
-            time.sleep(1.0)
-    cache = teacher_cache.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk, cfg.loss.temperature, 32,
-                           device, key=fields, vocab_size=vocab, autocast=cfg.train.precision == "bf16")
-    summary = {"teacher_cache_built_here": bool(cache.built), "teacher_cache_path": str(cache.folder),
-               "teacher_cache_seconds": time.perf_counter() - started, "teacher_loaded": teacher.model is not None,
-               "teacher_cache_build_flops": cache.meta.get("teacher_forward_flops", 0) if cache.built else 0}
-    return train.CachedTeacher(cache), summary
 
 
 def _distill_source(cfg: DictConfig, tokenizer, teacher, student, encoded, examples, skipped, cache_dir: Path):

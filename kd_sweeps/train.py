@@ -108,22 +108,6 @@ def build_schedule(optimizer, settings: LoopSettings):
         cycle_momentum=settings.cycle_momentum)
 
 
-class CachedTeacher:
-    """The teacher as its cached top-k log-probabilities (kd_sweeps/teacher_cache.py): no forward
-    pass at all during training; each micro-batch gathers its rows."""
-
-    def __init__(self, cache):
-        self.cache = cache
-
-    def eval(self) -> "CachedTeacher":
-        return self
-
-    def rows_for(self, part, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values (N, k), ids (N, k)) in the order of ``supervised_positions`` for this micro-batch."""
-        return self.cache.gather([e.index for e in part], [e.window for e in part],
-                                 [e.labels != IGNORE_INDEX for e in part], device=device)
-
-
 def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: LossSettings,
                 autocast: bool, impl: str = "chunked", n_step_sequences: int = 0) -> tuple[torch.Tensor, float, float]:
     """Loss of one micro-batch, scaled so that summing over the step's micro-batches (and ranks)
@@ -159,7 +143,7 @@ def _sequence_rows(labels: torch.Tensor) -> list[slice]:
 
 def _chunked_terms(student, teacher, batch, loss: LossSettings, autocast: bool, per_sequence: bool) -> list:
     """[(total, ce, kd, supervised rows)] of the chunked loss: one term, or one per sequence."""
-    topk = batch.get("teacher_topk")  # set when the teacher is a CachedTeacher
+    topk = batch.get("teacher_topk")  # set when the teacher is a cached one (teachers.CachedTeacher)
     use_teacher = teacher is not None and loss.kd_ratio > 0
     kd_ratio = loss.kd_ratio if use_teacher else 0.0
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -319,9 +303,8 @@ def accumulate_gradients(student, teacher, mine: Sequence[TrainExample], pad_id:
     for start in range(0, len(mine), micro):
         part = mine[start:start + micro]
         batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
-        if isinstance(teacher, CachedTeacher):
-            batch["teacher_topk"] = teacher.rows_for(part, device)
-            batch["teacher_vocab"] = teacher.cache.meta["vocab"]  # the columns its top-k were taken over
+        if hasattr(teacher, "batch_inputs"):  # a cached teacher (kd_sweeps/teachers.py): its rows, no forward
+            batch.update(teacher.batch_inputs(part, device))
         shapes.append({"shape": tuple(batch["input_ids"].shape), "lengths": [len(e.input_ids) for e in part],
                        "supervised": sum(e.n_supervised for e in part)})
         scaled, ce, kd = step_losses(student, teacher, batch, n_supervised, loss, autocast, impl, n_sequences)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_sweeps import data, distributed, recipe, train
+from kd_sweeps import data, distributed, recipe, teachers, train
 from kd_sweeps.distributed import DistEnv
 from tests.conftest import compose_config
 from tests.helpers import tiny_setup
@@ -195,7 +195,7 @@ def test_random_labels_train_with_the_teacher_cache_over_epochs(setup, tmp_path)
                                       torch.device("cpu"))
     settings = train.LoopSettings(max_steps=4, batch_size=8, lr=1e-2, precision="fp32", seed=0)  # 2 epochs
     results = []
-    for kd_teacher in (teacher, train.CachedTeacher(cache)):
+    for kd_teacher in (teacher, teachers.CachedTeacher(cache)):
         losses = []
         train.train_loop(copy.deepcopy(student).float(), kd_teacher, examples, tokenizer.pad_token_id, settings,
                          train.LossSettings(kd_ratio=1.0, normalize="sequence"), torch.device("cpu"),

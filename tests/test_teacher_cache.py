@@ -318,7 +318,7 @@ def test_a_bf16_build_stores_the_top_k_of_the_teacher_run_under_autocast(setup, 
 def test_a_point_reading_a_built_cache_never_loads_the_teacher(tmp_path, monkeypatch):
     """The first point builds the cache (teacher loaded); a later point of the sweep only reads it
     and trains exactly as it would with the teacher loaded, without preparing or loading it."""
-    from kd_sweeps import models, recipe, run
+    from kd_sweeps import models, run, teachers
     from tests.conftest import compose_config
     from tests.helpers import FAST
 
@@ -340,7 +340,7 @@ def test_a_point_reading_a_built_cache_never_loads_the_teacher(tmp_path, monkeyp
     assert prepared == ["base"] and not reader["teacher_loaded"] and not reader["teacher_cache_built_here"]
     assert reader["teacher_cache_path"] == first["teacher_cache_path"]
     assert reader["teacher_accuracy"] == first["teacher_accuracy"]  # from the teacher's record, not its weights
-    monkeypatch.setattr(recipe, "_ready_teacher_cache", lambda *a: None)  # as before: the teacher is loaded
+    monkeypatch.setattr(teachers, "_ready_stand_in", lambda *a: None)  # as before: the teacher is loaded
     loaded = point(0.5, "loaded")
     assert prepared == ["base", "teacher", "base"] and loaded["teacher_loaded"]
     for key in ("final_loss", "final_kd_loss", "train_flops", "tokens_supervised"):

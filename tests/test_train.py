@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from kd_sweeps import data, train
+from kd_sweeps import data, teachers, train
 from kd_sweeps.synthetic import make_split
 from tests.helpers import tiny_setup
 
@@ -90,7 +90,7 @@ def test_cached_teacher_matches_the_online_teacher(setup, tmp_path):
                                       torch.device("cpu"))
     settings = train.LoopSettings(max_steps=2, batch_size=8, lr=1e-2, precision="fp32", seed=0)
     results = []
-    for kd_teacher in (teacher, train.CachedTeacher(cache)):
+    for kd_teacher in (teacher, teachers.CachedTeacher(cache)):
         losses = []
         train.train_loop(copy.deepcopy(student).float(), kd_teacher, examples, tokenizer.pad_token_id, settings,
                          train.LossSettings(kd_ratio=1.0), torch.device("cpu"),
