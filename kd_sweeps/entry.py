@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from kd_sweeps.redact import redact_text, redact_yaml_files
-from kd_sweeps.tracking import now_iso, read_result, write_result
+from kd_sweeps.tracking import PointRecord, read_result
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +90,8 @@ def _run_claimed(cfg: DictConfig, hydra_cfg, output_dir: Path, claimed: bool) ->
         # multi-process job only rank 0 writes the record.
         if read_result(output_dir) == before and (before or {}).get("status") != "ok" \
                 and distributed.process_rank() == 0:
-            write_result(output_dir, failure_record(cfg, overrides, error))
+            PointRecord(output_dir).failure(cfg.sweep, overrides, error)
         return outcome("failed", output_dir, "failed", redact_text(error))
     record = read_result(output_dir) or {}
     kind = "skipped" if record.get("last_action") == "skipped" else "ran"
     return outcome(kind, output_dir, record.get("status", "ok"), summary=summary)
-
-
-def failure_record(cfg: DictConfig, overrides: list[str], error: str) -> dict:
-    from kd_sweeps.claim import holder
-
-    who = holder()
-    return {"run_id": None, "sweep": cfg.sweep, "status": "failed", "error": error, "overrides": overrides,
-            "config": None, "summary": {}, "started_at": now_iso(), "finished_at": now_iso(),
-            "launched_at": now_iso(), "last_action": "failed", "job_id": who["job_id"], "host": who["host"]}

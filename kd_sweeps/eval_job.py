@@ -17,7 +17,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps.tracking import Tracker, now_iso, read_result, write_result
+from kd_sweeps.tracking import PointRecord, Tracker, read_result
 
 log = logging.getLogger(__name__)
 JOB_DIR = "eval_job"  # submitit's files of the evaluation job, inside the point's folder
@@ -56,13 +56,11 @@ def submit(cfg: DictConfig, output_dir: Path, run_id: str) -> dict:
         with submitit.helpers.clean_env(extra_names=("WANDB_SERVICE",)):
             job = executor.submit(EvaluationJob(), str(output_dir))
     except Exception as err:  # e.g. sbatch refused the resources: the point fails, named
-        record.update(status="failed", error=f"evaluation job not submitted: {type(err).__name__}: {err}",
-                      last_action="failed")
-        write_result(output_dir, record)
+        PointRecord(output_dir).failed(record, f"evaluation job not submitted: {type(err).__name__}: {err}")
         raise
     record["summary"]["eval_job"] = {"cluster": cluster, "job_id": str(job.job_id),
                                      "folder": str(output_dir / JOB_DIR)}
-    write_result(output_dir, record)
+    PointRecord(output_dir).write(record)  # the job that will finish it
     log.info("evaluation of %s submitted as %s job %s", run_id, cluster, job.job_id)
     if cluster == "local":
         return wait(output_dir, job)
@@ -78,9 +76,8 @@ def wait(output_dir: Path, job=None) -> dict:
     record = read_result(output_dir)
     info = record["summary"].get("eval_job")
     if info is None:  # the training job ended between closing its record and submitting
-        record.update(status="failed", last_action="failed",
-                      error="training finished but its evaluation job was never submitted; rerun the point")
-        write_result(Path(output_dir), record)
+        PointRecord(output_dir).failed(
+            record, "training finished but its evaluation job was never submitted; rerun the point")
         return record["summary"]
     if job is None:
         job = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"])
@@ -92,10 +89,8 @@ def wait(output_dir: Path, job=None) -> dict:
     if record["status"] in ("evaluating", "running"):
         state = job.state  # the scheduler's accounting may lag the job's end by a moment
         known = f" ({state})" if state not in ("RUNNING", "PENDING", "UNKNOWN") else ""
-        record.update(status="failed", last_action="failed",
-                      error=f"evaluation job {info['job_id']} ended{known} without recording a result; "
-                            f"see {job.paths.stderr}")
-        write_result(Path(output_dir), record)
+        PointRecord(output_dir).failed(record, f"evaluation job {info['job_id']} ended{known} without recording "
+                                               f"a result; see {job.paths.stderr}")
     return record["summary"]
 
 
@@ -119,8 +114,7 @@ def finish_evaluation(cfg: DictConfig, output_dir: Path, run_id: str) -> dict:
         if record["status"] == "ok":
             return record["summary"]
     log.info("run %s: training is done (%s); evaluating it again", run_id, output_dir / "checkpoint")
-    record.update(status="evaluating", error=None, last_action="ran", launched_at=now_iso(), finished_at=None)
-    write_result(output_dir, record)
+    PointRecord(output_dir).evaluating(record)
     return submit(cfg, output_dir, run_id)
 
 

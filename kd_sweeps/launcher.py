@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from kd_sweeps.tracking import now_iso, read_result, write_result
+from kd_sweeps.tracking import PointRecord
 
 log = logging.getLogger(__name__)
 TIMEOUT_STATES = ("TIMEOUT", "DEADLINE")  # Slurm's states for a job stopped at its time limit
@@ -109,18 +109,7 @@ def record_lost_point(point_dir: Path, overrides: Sequence[str], sweep: str, rea
             log.warning("lost grid point %s is claimed by %s: its record is left alone", point_dir,
                         claim.describe())
             return {"status": "failed", "error": reason}
-        return _record_lost(point_dir, overrides, sweep, reason)
-
-
-def _record_lost(point_dir: Path, overrides: Sequence[str], sweep: str, reason: str) -> dict:
-    record = read_result(point_dir) or {}
-    if record.get("status") == "ok":
-        return record
-    record = {"run_id": None, "config": None, "summary": {}, "started_at": None, **record,
-              "sweep": record.get("sweep", sweep), "overrides": list(overrides), "status": "failed",
-              "error": reason, "finished_at": now_iso(), "launched_at": now_iso(), "last_action": "failed"}
-    write_result(point_dir, record)
-    return record
+        return PointRecord(point_dir).lost(overrides, sweep, reason)
 
 
 class RecordsLostPoints:

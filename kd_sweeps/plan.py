@@ -4,7 +4,7 @@ process, time and GPU-hours, whether it fits its launcher's GPUs and time limit,
     python -m kd_sweeps.plan trunc=0.25,0.5,1.0 sections=all,cot      # the overrides of launch.py -m
     python -m kd_sweeps.plan experiment=paper_truncation launcher=slurm_gpu_4b_8b
 
-The grid is expanded by Hydra's own override parser and basic sweeper (kd_sweeps/plan_grid.py);
+The grid is expanded by Hydra's public override parser, in its basic sweeper's order (kd_sweeps/plan_grid.py);
 every point is composed as its job would be and validated, and every problem is listed with its
 point. Nothing is launched, no model is built. Lengths: kd_sweeps/plan_lengths.py; FLOPs:
 kd_sweeps.cost; memory: kd_sweeps/plan_memory.py; evaluation: kd_sweeps/plan_eval.py; verdicts:

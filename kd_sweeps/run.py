@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_sweeps import distributed, identity
 from kd_sweeps.recipe import PointRecipe
-from kd_sweeps.tracking import RESULT_FILE, Tracker, mark_skipped, read_result
+from kd_sweeps.tracking import RESULT_FILE, PointRecord, Tracker, read_result
 from kd_sweeps.validation import validate
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def main(cfg: DictConfig, overrides: list[str] | None = None, claimed: bool = Tr
         if done and done.get("status") == "ok" and done.get("run_id") == point_id and not cfg.force:
             log.info("run %s is done (%s); skipped (force=true reruns it)", point_id, output_dir / RESULT_FILE)
             if env.is_main:
-                mark_skipped(output_dir, done)
+                PointRecord(output_dir).skipped(done)
             return done["summary"]
         if cfg.eval.separate_job and not cfg.force:
             from kd_sweeps import eval_job

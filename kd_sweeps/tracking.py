@@ -11,39 +11,20 @@ with a non-zero exit code when the run failed.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-# file_mode and write_text_atomic are not used here: callers import the record's writers from this module.
+# Not all used here: callers import the record's readers and writers from this module too.
+from kd_sweeps.point_record import RESULT_FILE, PointRecord, read_result, write_result  # noqa: F401
 from kd_sweeps.record_files import file_mode, now_iso, write_json_atomic, write_text_atomic  # noqa: F401
 from kd_sweeps.redact import redact
 from kd_sweeps.wandb_naming import wandb_fields
 
 log = logging.getLogger(__name__)
-RESULT_FILE = "result.json"
 DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded")  # ENOSPC, EFBIG, EDQUOT
-
-
-def write_result(output_dir: Path, result: dict) -> None:
-    """A point's result.json, atomically and without secrets (kd_sweeps.redact)."""
-    write_json_atomic(Path(output_dir) / RESULT_FILE, redact(result))
-
-
-def read_result(output_dir: Path) -> Optional[dict]:
-    """The point's result.json, or None if there is none (or it cannot be parsed)."""
-    try:
-        return json.loads((Path(output_dir) / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def mark_skipped(output_dir: Path, result: dict) -> None:
-    """Record that this launch found the point done, so the sweep summary can count it."""
-    write_result(output_dir, {**result, "last_action": "skipped", "launched_at": now_iso()})
 
 
 class Tracker:
@@ -55,10 +36,8 @@ class Tracker:
         # Secrets (tokens passed in the config or overrides) are removed before anything is recorded.
         self.run_id, self.sweep, self.config = run_id, sweep, redact(config)
         self.logger_cfg = logger_cfg
-        self.result = {"run_id": run_id, "sweep": sweep, "status": "running", "error": None,
-                       "overrides": redact(list(overrides or [])), "config": self.config, "summary": {},
-                       "started_at": now_iso(), "finished_at": None, "launched_at": now_iso(),
-                       "last_action": "ran", **_writer()}
+        self.record = PointRecord(self.output_dir)
+        self.result = PointRecord.opened(run_id, sweep, overrides or [], self.config)
         self.wandb_run = None
         self.job_type = "train"  # W&B job type; "eval" when a separate evaluation job resumes the run
         self.status_on_success = "ok"  # "evaluating" while a separate evaluation job is pending
@@ -69,12 +48,12 @@ class Tracker:
         the same result.json and the same W&B run (same id, resumed)."""
         tracker = cls(output_dir, result["run_id"], result["sweep"], result["config"], logger_cfg,
                       result.get("overrides"))
-        tracker.result = {**result, "status": "running", "error": None, "finished_at": None, **_writer()}
+        tracker.result = PointRecord.reopened(result)
         tracker.job_type = "eval"
         return tracker
 
     def __enter__(self) -> "Tracker":
-        write_result(self.output_dir, self.result)
+        self.record.write(self.result)
         if self.logger_cfg.mode != "disabled":
             try:
                 self.wandb_run = self._start_wandb()
@@ -127,20 +106,18 @@ class Tracker:
         failed = exc is not None
         preempted = failed and _is_preemption(exc)
         interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C: SIGINT, not an error of the run
-        self.result["status"] = "preempted" if preempted else "interrupted" if interrupted \
+        status = "preempted" if preempted else "interrupted" if interrupted \
             else "failed" if failed else self.status_on_success
+        error = None
         if interrupted:
-            self.result["error"] = "interrupted by SIGINT (Ctrl-C); run the same command again to rerun it"
+            error = "interrupted by SIGINT (Ctrl-C); run the same command again to rerun it"
         elif failed:
-            self.result["error"] = redact(f"{exc_type.__name__}: {exc}")
+            error = redact(f"{exc_type.__name__}: {exc}")
             if any(full in str(exc) for full in DISK_FULL):  # the OS names the limit, not the place
-                self.result["error"] += (f" (writing under output_dir={self.output_dir}: free disk space or "
-                                         "choose another output_dir / hydra.sweep.dir, then rerun the point)")
-        if failed:
-            self.result["last_action"] = self.result["status"]
-        self.result["finished_at"] = now_iso()
+                error += (f" (writing under output_dir={self.output_dir}: free disk space or "
+                          "choose another output_dir / hydra.sweep.dir, then rerun the point)")
         try:
-            write_result(self.output_dir, self.result)
+            self.record.closed(self.result, status, error)
         finally:
             if self.wandb_run is not None:
                 if failed:  # the W&B record names the error too, not only result.json
@@ -173,14 +150,6 @@ def _wait_for_offline_log(run_dir: Path, timeout_s: float = 30.0) -> None:
             log.warning("W&B offline log in %s has no exit record %.0f s after finish()", run_dir, timeout_s)
             return
         time.sleep(0.1)
-
-
-def _writer() -> dict:
-    """Which job and host write the record (the claim's holder, kd_sweeps/claim.py)."""
-    from kd_sweeps.claim import holder
-
-    who = holder()
-    return {"job_id": who["job_id"], "host": who["host"]}
 
 
 def _is_preemption(exc: BaseException) -> bool:

@@ -115,3 +115,24 @@ def test_same_point_two_sweeps_two_runs_and_eval_job_resumes_its_run(tmp_path):
     assert runs["p0001-first"].job_type == "eval" and runs["p0001-first"].summary["accuracy"] == 0.5
     assert runs["p0001-first"].name == "trunc=0.5 seed=1"
     assert runs["p0001-second"].job_type == "train" and runs["p0001-second"].summary["accuracy"] == 0.1
+
+
+def test_every_record_change_goes_through_the_point_record(tmp_path):
+    """The one owner of result.json: a status outside the list is refused, each transition sets what it
+    says (status, last action, error, times, writer)."""
+    from kd_sweeps.point_record import STATUSES, PointRecord
+
+    record = PointRecord(tmp_path)
+    with pytest.raises(ValueError, match="a point's status is one of running, ok, evaluating"):
+        record.write({"status": "done"})
+    opened = record.write(PointRecord.opened("r1", "s", ["trunc=1.0"], {"trunc": 1.0}))
+    assert opened["status"] == "running" and opened["last_action"] == "ran" and opened["host"]
+    closed = record.closed(dict(opened), "failed", "ValueError: x")
+    assert (closed["status"], closed["last_action"], closed["error"]) == ("failed", "failed", "ValueError: x")
+    assert record.read() == closed and closed["finished_at"]
+    again = record.evaluating(dict(closed))
+    assert (again["status"], again["error"], again["finished_at"]) == ("evaluating", None, None)
+    assert record.skipped(dict(again))["last_action"] == "skipped"
+    assert record.failed(record.read(), "job died")["status"] == "failed"
+    assert record.lost(["trunc=1.0"], "s", "killed")["error"] == "killed"
+    assert set(STATUSES) >= {"running", "ok", "evaluating", "failed", "preempted", "interrupted"}
