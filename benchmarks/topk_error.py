@@ -6,7 +6,7 @@
 The teacher is the config's (an embedded one is prepared on first use, as a sweep would), the
 sequences are the validation split formatted as training formats them (the whole sequence: the
 cache is built untruncated), at the loss temperature. Each k builds its own cache in a temporary
-folder and reports ``teacher_cache.approximation_error``: per predicting position,
+folder and reports ``teacher_cache_build.approximation_error``: per predicting position,
 KL(p || p~) with p~ the cached top-k and the rest mass spread evenly over the other ids (what the
 (k + 1)-bucket loss cannot see), the storage error of the fp16 buckets, and the tail mass.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from kd_sweeps import data, models, teacher_cache
+from kd_sweeps import data, models, teacher_cache_build
 from kd_sweeps.schema import register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -49,9 +49,9 @@ def main(argv=None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.k:
-            cache = teacher_cache.build_cache(model, encoded, Path(tmp) / f"k{k}", k, temperature,
+            cache = teacher_cache_build.build_cache(model, encoded, Path(tmp) / f"k{k}", k, temperature,
                                               args.batch_size, device)
-            rows.append(teacher_cache.approximation_error(model, encoded, cache, temperature,
+            rows.append(teacher_cache_build.approximation_error(model, encoded, cache, temperature,
                                                           batch_size=args.batch_size, device=device))
     print("| k | positions | KL mean (nats) | KL max | tail mass mean | tail mass max | fp16 bucket TV max |")
     print("|---|---|---|---|---|---|---|")

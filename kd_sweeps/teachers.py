@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from kd_sweeps import distributed, models, teacher_cache
+from kd_sweeps import distributed, models, teacher_cache, teacher_cache_build
 from kd_sweeps.cost import ModelShape
 from kd_sweeps.data import IGNORE_INDEX
 from kd_sweeps.tracking import RESULT_FILE, read_result
@@ -106,7 +106,7 @@ def _cached(cfg: DictConfig, teacher, encoded, fingerprint: str, cache_dir: Path
                 raise RuntimeError(f"rank 0 failed before the teacher cache {folder} was built; see "
                                    f"{output_dir / RESULT_FILE}")
             time.sleep(1.0)
-    cache = teacher_cache.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk, cfg.loss.temperature, 32,
+    cache = teacher_cache_build.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk, cfg.loss.temperature, 32,
                            device, key=fields, vocab_size=vocab, autocast=cfg.train.precision == "bf16")
     summary = {"teacher_cache_built_here": bool(cache.built), "teacher_cache_path": str(cache.folder),
                "teacher_cache_seconds": time.perf_counter() - started, "teacher_loaded": teacher.model is not None,

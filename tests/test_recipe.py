@@ -183,7 +183,7 @@ def test_random_labels_are_redrawn_every_epoch_deterministically(setup):
 
 def test_random_labels_train_with_the_teacher_cache_over_epochs(setup, tmp_path):
     """The cache serves whichever labels an epoch draws: the same losses as the online teacher."""
-    from kd_sweeps import teacher_cache
+    from kd_sweeps import teacher_cache_build
     from kd_sweeps.synthetic import make_split
 
     tokenizer, _, student, teacher = setup
@@ -191,7 +191,7 @@ def test_random_labels_train_with_the_teacher_cache_over_epochs(setup, tmp_path)
     encoded, _ = data.encode(make_split(16, seed=0), tokenizer, 4096)
     examples, _ = data.training_examples(encoded, ("CoT", "A"), 0.5, "random_labels", False, 0)
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    cache = teacher_cache.build_cache(teacher, encoded, tmp_path / "cache", vocab - 1, 1.0, 8,
+    cache = teacher_cache_build.build_cache(teacher, encoded, tmp_path / "cache", vocab - 1, 1.0, 8,
                                       torch.device("cpu"))
     settings = train.LoopSettings(max_steps=4, batch_size=8, lr=1e-2, precision="fp32", seed=0)  # 2 epochs
     results = []

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_sweeps import data, models, teacher_cache
+from kd_sweeps import data, models, teacher_cache_build
 from kd_sweeps.prepare import load_reasoning_dataset
 from kd_sweeps.sources import SourceError
 from kd_sweeps.synthetic import make_split
@@ -254,12 +254,12 @@ def test_a_damaged_teacher_cache_is_rebuilt(tmp_path, caplog):
     tokenizer = build_tokenizer()
     teacher, encoded = tiny_model(tokenizer, seed=0), encoded_split(tokenizer, 6, seed=1)
     folder = tmp_path / "teacher-topk"
-    first = teacher_cache.build_cache(teacher, encoded, folder, 4, 1.0, 3, "cpu", shard_size=4)
+    first = teacher_cache_build.build_cache(teacher, encoded, folder, 4, 1.0, 3, "cpu", shard_size=4)
     shard, expected = folder / first.meta["shards"][1]["file"], first.rows(5, 0, 3)[1].clone()
     del first  # it maps the shard: truncating a mapped file in place would crash this process (SIGBUS)
     shard.write_bytes(shard.read_bytes()[:64])
-    with caplog.at_level(logging.WARNING, logger="kd_sweeps.teacher_cache"):
-        again = teacher_cache.build_cache(teacher, encoded, folder, 4, 1.0, 3, "cpu", shard_size=4)
+    with caplog.at_level(logging.WARNING, logger="kd_sweeps.teacher_cache_build"):
+        again = teacher_cache_build.build_cache(teacher, encoded, folder, 4, 1.0, 3, "cpu", shard_size=4)
     assert again.built and f"{shard} is missing or truncated" in caplog.text and "rebuilding it" in caplog.text
     assert torch.equal(again.rows(5, 0, 3)[1], expected)
 
@@ -267,7 +267,7 @@ def test_a_damaged_teacher_cache_is_rebuilt(tmp_path, caplog):
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from kd_sweeps import models, teacher_cache
+from kd_sweeps import models, teacher_cache_build
 lock = getattr({module}, "_lock")(Path(sys.argv[1]))
 lock.acquire()
 print("held", flush=True)
@@ -275,11 +275,11 @@ time.sleep(120)
 """
 
 
-@pytest.mark.parametrize("module", ["models", "teacher_cache"])
+@pytest.mark.parametrize("module", ["models", "teacher_cache_build"])
 def test_a_lock_held_by_a_killed_process_does_not_block_the_next_run(tmp_path, module):
     from filelock import Timeout
 
-    owner = getattr(models if module == "models" else teacher_cache, "_lock")
+    owner = getattr(models if module == "models" else teacher_cache_build, "_lock")
     path = tmp_path / f"tokenizer-{models.TASK_VERSION}"
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER.format(module=module), str(path)],
                               stdout=subprocess.PIPE, text=True, env=child_env())

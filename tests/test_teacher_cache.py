@@ -12,11 +12,12 @@ import shutil
 import pytest
 import torch
 
-from kd_sweeps import teacher_cache
+from kd_sweeps import teacher_cache, teacher_cache_build
 from kd_sweeps.chunked_loss import chunked_kd_ce, final_hidden_and_head_weight, supervised_positions
 from kd_sweeps.data import IGNORE_INDEX, collate, training_examples
 from kd_sweeps.sections import supervised_tokens
-from kd_sweeps.teacher_cache import CacheError, TeacherCache, build_cache
+from kd_sweeps.teacher_cache import CacheError, TeacherCache
+from kd_sweeps.teacher_cache_build import build_cache
 from tests.helpers import encoded_split, tiny_model
 
 TEMPERATURE = 2.0  # not 1: the stored values must be log-probs at the loss temperature
@@ -173,7 +174,7 @@ def test_sparse_loss_from_the_cache_at_k_v_minus_1_equals_the_dense_loss(setup, 
 def test_approximation_error_against_a_plain_reference(setup, tmp_path):
     encoded, teacher, cache = setup["encoded"][:3], setup["teacher"], None
     cache = build_cache(teacher, encoded, tmp_path / "k8", K, TEMPERATURE, 2, "cpu")
-    error = teacher_cache.approximation_error(teacher, encoded, cache, TEMPERATURE, batch_size=2)
+    error = teacher_cache_build.approximation_error(teacher, encoded, cache, TEMPERATURE, batch_size=2)
     kls, tails = [], []
     vocab = teacher.get_output_embeddings().weight.shape[0]
     for index, enc in enumerate(encoded):
@@ -191,9 +192,9 @@ def test_approximation_error_against_a_plain_reference(setup, tmp_path):
     assert error["tail_mass_mean"] == pytest.approx(tails.mean().item(), rel=1e-4)
     assert 0 < error["bucket_tv_mean"] <= error["bucket_tv_max"] < 2e-3  # fp16 rounding only
     with pytest.raises(CacheError, match="temperature"):
-        teacher_cache.approximation_error(teacher, encoded, cache, 1.0)
+        teacher_cache_build.approximation_error(teacher, encoded, cache, 1.0)
     full = build_cache(teacher, encoded, tmp_path / "all", vocab - 1, TEMPERATURE, 2, "cpu")
-    assert teacher_cache.approximation_error(teacher, encoded, full, TEMPERATURE)["kl_max"] < 1e-6
+    assert teacher_cache_build.approximation_error(teacher, encoded, full, TEMPERATURE)["kl_max"] < 1e-6
 
 
 def test_truncated_or_corrupted_shards_give_clear_errors(setup, tmp_path):

@@ -80,13 +80,13 @@ def test_nan_loss_stops_with_step_named(setup):
 
 def test_cached_teacher_matches_the_online_teacher(setup, tmp_path):
     """With k = V - 1 the top-k cache holds the whole distribution: the same losses up to fp16."""
-    from kd_sweeps import teacher_cache
+    from kd_sweeps import teacher_cache_build
 
     tokenizer, examples, student, teacher = setup
     encoded, _ = data.encode(make_split(32, seed=0), tokenizer, 4096)
     examples, _ = data.training_examples(encoded, ("CoT", "A"), 0.5, "lead", False, 0)
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    cache = teacher_cache.build_cache(teacher.float(), encoded, tmp_path / "cache", vocab - 1, 1.0, 8,
+    cache = teacher_cache_build.build_cache(teacher.float(), encoded, tmp_path / "cache", vocab - 1, 1.0, 8,
                                       torch.device("cpu"))
     settings = train.LoopSettings(max_steps=2, batch_size=8, lr=1e-2, precision="fp32", seed=0)
     results = []
