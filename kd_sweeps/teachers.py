@@ -97,8 +97,7 @@ def _cached(cfg: DictConfig, teacher, encoded, fingerprint: str, cache_dir: Path
     point; and what its build cost. ``vocab``: the columns KD compares (fewer than the teacher's
     rows when the student's head is padded less). In a multi-process point rank 0 builds it (its
     record says so) while the other ranks wait for it."""
-    folder, fields = cache_folder(cfg, teacher.path, models.output_rows(teacher), vocab, fingerprint,
-                                           cache_dir)
+    folder, fields = cache_folder(cfg, teacher.path, models.output_rows(teacher), vocab, fingerprint, cache_dir)
     started = time.perf_counter()
     if not env.is_main:  # polled, not a collective: a build can outlast the process group's timeout
         while not (folder / "meta.json").exists():
@@ -106,8 +105,9 @@ def _cached(cfg: DictConfig, teacher, encoded, fingerprint: str, cache_dir: Path
                 raise RuntimeError(f"rank 0 failed before the teacher cache {folder} was built; see "
                                    f"{output_dir / RESULT_FILE}")
             time.sleep(1.0)
-    cache = teacher_cache_build.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk, cfg.loss.temperature, 32,
-                           device, key=fields, vocab_size=vocab, autocast=cfg.train.precision == "bf16")
+    cache = teacher_cache_build.build_cache(teacher.model, encoded, folder, cfg.train.teacher_topk,
+                                            cfg.loss.temperature, 32, device, key=fields, vocab_size=vocab,
+                                            autocast=cfg.train.precision == "bf16")
     summary = {"teacher_cache_built_here": bool(cache.built), "teacher_cache_path": str(cache.folder),
                "teacher_cache_seconds": time.perf_counter() - started, "teacher_loaded": teacher.model is not None,
                "teacher_cache_build_flops": cache.meta.get("teacher_forward_flops", 0) if cache.built else 0}
