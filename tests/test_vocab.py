@@ -93,7 +93,7 @@ def test_full_and_chunked_losses_drop_the_padding_columns_alike(hub, kd_ratio, n
 
 
 def test_teacher_cache_takes_its_top_k_over_the_shared_columns(hub, tmp_path):
-    from kd_sweeps import teacher_cache as tc
+    from kd_sweeps import teacher_cache_build as tc
 
     tokenizer, (teacher, student) = _load(hub, "teacher")
     shared = models.kd_vocab_size(teacher.model, student.model)
