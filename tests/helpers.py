@@ -198,3 +198,16 @@ def ref_divergence_from_probs(ps, pt, name, beta=0.5, alpha=0.1, mix=0.5):
     if name == "skew_reverse_kl":
         return kl(ps, (1 - alpha) * pt + alpha * ps)
     raise AssertionError(name)
+
+
+def point_folders(root: Path, records: list) -> list:
+    """One folder per record under ``root``, named by its run id, holding it as result.json: a sweep
+    folder as the launches leave it, without running them."""
+
+    folders = []
+    for rec in records:
+        folder = Path(root) / rec["run_id"]
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps(rec))
+        folders.append(folder)
+    return folders

@@ -4,7 +4,6 @@ the generation columns of the tables, and the comparability check over the disti
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -14,6 +13,7 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")  # no screen
 
 from analysis.checks import check_comparable, sweep_curves, varying_keys  # noqa: E402
+from tests.helpers import point_folders  # noqa: E402
 from analysis.load import COLUMNS, runs_frame  # noqa: E402
 from analysis.plots import cost_column, plot_tradeoff  # noqa: E402
 from analysis.tables import GEN_FLOPS, RETAINED, summary_frame, summary_table  # noqa: E402
@@ -128,16 +128,6 @@ def test_tables_show_generation_only_where_some_run_has_it():
     assert old[["generation_flops", "total_flops"]].iloc[:1].isna().all().all()  # predates them: unknown
 
 
-def _sweep(tmp_path, records) -> list:
-    folders = []
-    for rec in records:
-        folder = tmp_path / rec["run_id"]
-        folder.mkdir()
-        (folder / "result.json").write_text(json.dumps(rec))
-        folders.append(folder)
-    return folders
-
-
 def test_end_of_sweep_draws_one_curve_per_mode_at_total_flops(tmp_path, monkeypatch):
     import analysis.plots
     from kd_sweeps.callbacks import summarize_sweep
@@ -150,7 +140,7 @@ def test_end_of_sweep_draws_one_curve_per_mode_at_total_flops(tmp_path, monkeypa
         return drawn[-1]
 
     monkeypatch.setattr(analysis.plots, "plot_tradeoff", spy)
-    markdown, png = summarize_sweep(tmp_path, _sweep(tmp_path, three_modes()), title="modes")
+    markdown, png = summarize_sweep(tmp_path, point_folders(tmp_path, three_modes()), title="modes")
     assert png is not None and png.exists()
     ax = drawn[0]
     assert len(ax.containers) == 3 and ax.get_xlabel() == "total FLOPs (training + generation)"
@@ -164,7 +154,7 @@ def test_the_cli_draws_total_flops(tmp_path, capsys):
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    _sweep(sweep, three_modes())
+    point_folders(sweep, three_modes())
     assert main(["tradeoff", str(sweep), "--out", str(tmp_path / "a"), "--x", "total_flops"]) == 0
     out = capsys.readouterr().out
     assert "one curve per mode (--group-by distill_mode)" in out and (tmp_path / "a" / "tradeoff.png").exists()

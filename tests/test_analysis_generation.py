@@ -4,7 +4,6 @@ that predate these keys still load and draw."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -20,6 +19,7 @@ from analysis.load import runs_frame  # noqa: E402
 from analysis.plots import plot_tradeoff, save_figure  # noqa: E402
 from analysis.tables import (ACCURACY, FINISHED, GEN_TOKENS, OF_TEACHER, REFERENCE_ROWS,  # noqa: E402
                              RETAINED, paper_table, summary_table, unfinished_note, write_csv)
+from tests.helpers import point_folders  # noqa: E402
 from tests.test_analysis import RECORDS, record  # noqa: E402
 
 TEACHER, BASE = 0.887, 0.254
@@ -172,13 +172,7 @@ def test_unfinished_note_names_only_points_below_half():
 def test_end_of_sweep_summary_files(tmp_path):
     from kd_sweeps.callbacks import summarize_sweep
 
-    folders = []
-    for rec in RUNS:
-        folder = tmp_path / rec["run_id"]
-        folder.mkdir()
-        (folder / "result.json").write_text(json.dumps(rec))
-        folders.append(folder)
-    markdown, png = summarize_sweep(tmp_path, folders, title="gen")
+    markdown, png = summarize_sweep(tmp_path, point_folders(tmp_path, RUNS), title="gen")
     assert png is not None and png.exists()
     assert f"| {FINISHED} | {GEN_TOKENS} |" in markdown and REFERENCE_ROWS["teacher"] in markdown
     # The point that mostly ran to the limit is named under the table.
