@@ -20,19 +20,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kd_sweeps.identity import NON_IDENTITY_EVAL_KEYS  # where and how the evaluation runs: no completion changes
 from kd_sweeps.tracking import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 ROLES = ("student", "teacher")  # the choices of eval.baselines
 PREFIX = {"student": "base", "teacher": "teacher"}  # summary keys: base_accuracy, teacher_accuracy
-# Evaluation keys that cannot change a completion: where and how the evaluation job runs.
-NOT_IN_KEY = ("separate_job", "job", "baselines")
 
 
 def baseline_folder(cfg: DictConfig, role: str, model_path: str) -> Path:
     """Where the reference of ``role`` (the model at ``model_path``) under this evaluation is cached."""
-    evaluation = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in NOT_IN_KEY}
+    evaluation = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in NON_IDENTITY_EVAL_KEYS}
     fields = {"role": role, "model": str(model_path), "eval": evaluation,
               # sampled completions depend on the seed; greedy ones do not
               "seed": cfg.seed if cfg.eval.temperature > 0 else None,

@@ -81,11 +81,11 @@ def example_of(ids: list[int], spans: Spans, sections: Sequence[str], cut_after_
 
 @dataclass
 class Generator:
-    """What generating needs from the tokenizer and the run: stop and marker ids, padding, sampling."""
+    """What generating needs from the tokenizer and the run: stop ids, padding, the end of a CoT, sampling."""
 
     stop_ids: list[int]
     pad_id: int
-    markers: tuple[int, int]  # <think>, </think>
+    end_think_id: int  # </think>: where a generated CoT ends
     sampling: Sampling
     slots: int  # rows decoded together (continuous batching)
 
@@ -143,7 +143,7 @@ class OnPolicy:
         for request, example in zip(requests, chosen):
             new = tokens[request.key]
             ids = list(request.prompt) + new
-            spans = spans_of_rollout(ids, len(request.prompt), self.generator.markers[1])
+            spans = spans_of_rollout(ids, len(request.prompt), self.generator.end_think_id)
             out.append(example_of(ids, spans, self.sections, self.cut_after_think, example.index))
             self.counters["generated_tokens"] += len(new)
             self.counters["generation_flops"] += generation_flops(self.shape, len(request.prompt), len(new))
@@ -233,5 +233,5 @@ def teacher_sequences(teacher, encoded: Sequence[Encoded], generator: Generator,
     for enc, new in zip(encoded, completions):
         prompt = list(enc.input_ids[:enc.spans.cot[0]])
         ids = prompt + list(new)
-        out.append(Encoded(ids, spans_of_rollout(ids, len(prompt), generator.markers[1])))
+        out.append(Encoded(ids, spans_of_rollout(ids, len(prompt), generator.end_think_id)))
     return out, summary

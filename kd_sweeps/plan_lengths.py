@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from kd_sweeps.identity import NON_IDENTITY_DATA_KEYS
+
 CHARS_PER_TOKEN = 3.5  # length estimate for pretrained tokenizers (see estimated_sequences)
 TEMPLATE_TOKENS_BEFORE, TEMPLATE_TOKENS_AFTER = 8, 2  # Qwen3 chat template around the two turns
 LENGTHS_VERSION = 1  # bump when what a cached file holds changes: older files are then not read
-NOT_IN_KEY = ("num_proc", "assumed_lengths")  # data keys that change no row or length
+NOT_IN_KEY = NON_IDENTITY_DATA_KEYS  # data keys that change no row or length (a point's id leaves them out too)
 
 
 @dataclass

@@ -254,8 +254,9 @@ def _distill_source(cfg: DictConfig, tokenizer, teacher, student, encoded, examp
     from kd_sweeps.generate import Sampling
 
     d = cfg.distill
+    end_think_id = data.marker_ids(tokenizer)[1]
     generator = distill.Generator(evaluate.stop_token_ids(tokenizer, student.model), tokenizer.pad_token_id,
-                                  data.marker_ids(tokenizer), Sampling(d.temperature, d.top_p, d.top_k), d.batch_size)
+                                  end_think_id, Sampling(d.temperature, d.top_p, d.top_k), d.batch_size)
     autocast = cfg.train.precision == "bf16"
     if d.mode == "on_policy":
         rollout = distill.OnPolicy(encoded, generator, tuple(cfg.sections.include), cfg.trunc,

@@ -39,7 +39,7 @@ def pair():
 def _on_policy(tokenizer, encoded, trunc=1.0, lmbda=1.0, sections=("P", "CoT", "A"), temperature=1.0):
     from kd_sweeps.evaluate import stop_token_ids
 
-    generator = distill.Generator(stop_token_ids(tokenizer), tokenizer.pad_token_id, data.marker_ids(tokenizer),
+    generator = distill.Generator(stop_token_ids(tokenizer), tokenizer.pad_token_id, data.marker_ids(tokenizer)[1],
                                   Sampling(temperature=temperature), slots=4)
     shape = ModelShape(1, 32, 2, 2, 16, 128, len(tokenizer), True)
     return distill.OnPolicy(encoded, generator, tuple(sections), trunc, False, lmbda, SEED, shape)
