@@ -197,7 +197,7 @@ def main() -> None:
     from analysis.load import load
     from analysis.online import load_online
     from analysis.wandb_offline import find_runs
-    from tests.test_analysis_online import FakeApi, FakeRun
+    from tests.analysis_records import FakeApi, FakeRun
 
     records = [make_record(i, *point) for i, point in enumerate(grid(args.runs))]
     start = time.perf_counter()

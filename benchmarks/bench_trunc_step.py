@@ -24,6 +24,7 @@ def measure(args) -> dict:
     from kd_sweeps import data, models, train
     from kd_sweeps.cost import CostMeter, ModelShape
     from kd_sweeps.memory import PeakMemory
+    from kd_sweeps.schema import LossConfig, TrainConfig
     from kd_sweeps.synthetic import make_split
     from kd_sweeps.tokenizer import build_tokenizer
 
@@ -45,11 +46,11 @@ def measure(args) -> dict:
         for micro in micro_batches:
             meter.add_step(micro["shape"], micro["lengths"], micro["supervised"])
 
-    settings = train.LoopSettings(max_steps=args.steps, batch_size=args.batch_size, lr=1e-3,
-                                  precision=args.precision, seed=0)
+    settings = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-3,
+                           precision=args.precision)
     with PeakMemory(device) as memory:
         start = time.perf_counter()
-        train.train_loop(student, teacher, examples, tokenizer.pad_token_id, settings, train.LossSettings(),
+        train.train_loop(student, teacher, examples, tokenizer.pad_token_id, settings, LossConfig(),
                          device, on_step)
     step_times = [b - a for a, b in zip([start] + times[:-1], times)][args.warmup:]
     return {"trunc": args.trunc, "ms_per_step": 1000 * statistics.median(step_times),

@@ -37,6 +37,7 @@ from kd_sweeps import train
 from kd_sweeps.cost import CostMeter, ModelShape, peak_memory_bytes
 from kd_sweeps.data import IGNORE_INDEX, TrainExample
 from kd_sweeps.distributed import enable_activation_checkpointing
+from kd_sweeps.schema import LossConfig, TrainConfig
 
 H100_BF16_DENSE_FLOPS = 989e12
 QWEN3_VOCAB = 151_936
@@ -123,14 +124,14 @@ def measure(student, teacher, args, trunc: float, impl: str, device: torch.devic
                 meter.add_step(micro["shape"], micro["lengths"], micro["supervised"])
             marks["end"], marks["loss"] = time.perf_counter(), metrics["loss"]
 
-    settings = train.LoopSettings(max_steps=args.steps, batch_size=args.batch_size,
-                                  micro_batch_size=args.batch_size // args.grad_accum,
-                                  lr=1e-5, warmup_ratio=0.1, precision=args.precision, seed=0, loss_impl=impl)
+    settings = TrainConfig(max_steps=args.steps, batch_size=args.batch_size,
+                           micro_batch_size=args.batch_size // args.grad_accum,
+                           lr=1e-5, warmup_ratio=0.1, precision=args.precision, loss_impl=impl)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    train.train_loop(student, teacher, examples, 0, settings, train.LossSettings(kd_ratio=0.5), device,
+    train.train_loop(student, teacher, examples, 0, settings, LossConfig(kd_ratio=0.5), device,
                      on_step=on_step, desc=f"trunc={trunc} {impl}")
     seconds = marks["end"] - marks["start"]
     peak = peak_memory_bytes(device)
@@ -151,13 +152,13 @@ def profile(student, teacher, args, trunc: float, impl: str, device: torch.devic
 
     seq_len = max(2, int(round(args.seq_len * trunc)))
     examples = random_examples(2 * args.batch_size, seq_len, student.config.vocab_size, seed=1)
-    settings = train.LoopSettings(max_steps=2, batch_size=args.batch_size,
-                                  micro_batch_size=args.batch_size // args.grad_accum, lr=1e-5,
-                                  precision=args.precision, seed=0, loss_impl=impl)
+    settings = TrainConfig(max_steps=2, batch_size=args.batch_size,
+                           micro_batch_size=args.batch_size // args.grad_accum, lr=1e-5,
+                           precision=args.precision, loss_impl=impl)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         started = time.perf_counter()
-        train.train_loop(student, teacher, examples, 0, settings, train.LossSettings(kd_ratio=0.5), device)
+        train.train_loop(student, teacher, examples, 0, settings, LossConfig(kd_ratio=0.5), device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - started

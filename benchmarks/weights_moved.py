@@ -51,7 +51,7 @@ def moved_fraction(qwen3_dir: Path, master: str, recipe: list[str], sequences: i
     import torch
 
     from kd_sweeps import data, models, train
-    from kd_sweeps.recipe import loop_settings, loss_settings
+    from omegaconf import OmegaConf
     from kd_sweeps.synthetic import make_split
 
     # model=qwen3_local reads the folders from $QWEN3_DIR; the paths are resolved once, here.
@@ -80,8 +80,8 @@ def moved_fraction(qwen3_dir: Path, master: str, recipe: list[str], sequences: i
         student.model.to(torch.bfloat16)
     named = dict(student.model.named_parameters())
     before = {name: p.detach().clone() for name, p in named.items()}
-    train.train_loop(student.model, teacher.model, examples, tokenizer.pad_token_id, loop_settings(cfg),
-                     loss_settings(cfg), device)
+    train.train_loop(student.model, teacher.model, examples, tokenizer.pad_token_id, OmegaConf.to_object(cfg.train),
+                     OmegaConf.to_object(cfg.loss), device, seed=cfg.seed)
     changed = {name: int((p.detach() != before[name]).sum()) for name, p in named.items()}
     norms = [name for name in named if "norm" in name]
     return {"moved": sum(changed.values()) / sum(p.numel() for p in named.values()),

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kd_sweeps.choices import Baseline, values
 from kd_sweeps.identity import NON_IDENTITY_EVAL_KEYS  # where and how the evaluation runs: no completion changes
 from kd_sweeps.tracking import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-ROLES = ("student", "teacher")  # the choices of eval.baselines
+ROLES = values(Baseline)  # the choices of eval.baselines
 PREFIX = {"student": "base", "teacher": "teacher"}  # summary keys: base_accuracy, teacher_accuracy
 
 

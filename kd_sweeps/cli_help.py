@@ -64,6 +64,29 @@ def schema_keys() -> dict[str, str]:
     return keys
 
 
+@lru_cache(maxsize=1)
+def schema_choices() -> dict[str, tuple[str, ...]]:
+    """{dotted key: its allowed values} for every key the schema types by a closed choice
+    (``kd_sweeps.choices``), alone (``loss.name``) or as a list's items (``eval.baselines``)."""
+    from enum import Enum
+
+    from kd_sweeps import schema
+    from kd_sweeps.choices import values
+
+    found: dict[str, tuple[str, ...]] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, hint in typing.get_type_hints(cls).items():
+            inner = (typing.get_args(hint) or (hint,))[0] if typing.get_origin(hint) is list else hint
+            if isinstance(inner, type) and issubclass(inner, Enum):
+                found[prefix + name] = values(inner)
+            elif dataclasses.is_dataclass(hint):
+                walk(hint, prefix + name + ".")
+
+    walk(schema.Config, "")
+    return found
+
+
 def _shown_value(root, key: str) -> str:
     """The key's composed value as one would type it on the command line (null, true, [P, CoT])."""
     import yaml
@@ -73,7 +96,9 @@ def _shown_value(root, key: str) -> str:
         value = OmegaConf.select(root, key, throw_on_missing=True)
     except Exception:  # noqa: BLE001 - MISSING (???) or an interpolation help cannot resolve
         return "???"
-    value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    value = OmegaConf.to_container(value, resolve=True, enum_to_str=True) if OmegaConf.is_config(value) else value
+    if isinstance(value, str):
+        value = str(value)  # a choice (kd_sweeps.choices) as its plain string
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()  # a scalar document ends with "..."
 
@@ -125,12 +150,15 @@ def suggestions(overrides: list[str]) -> list[str]:
     exist), one line with the closest names; nothing for overrides that are fine."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    keys, groups = schema_keys(), _groups()
+    keys, groups, choices = schema_keys(), _groups(), schema_choices()
     leaves = _leaves(keys)
     lines = []
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
         if key.split(".")[0].split("/")[0] == "hydra" or _below_open_node(key) or override.is_delete():
+            continue
+        if key in choices:
+            lines += _choice_lines(key, override, choices[key])
             continue
         if key in groups and not override.is_sweep_override():
             choice = override.value()
@@ -148,6 +176,19 @@ def suggestions(overrides: list[str]) -> list[str]:
             close = [k for k in leaves if k.rsplit(".", 1)[-1] in names][:4]
         lines.append(f"{key}: no such key; {_did_you_mean(close)}"
                      "`python launch.py --help` lists every key")
+    return lines
+
+
+def _choice_lines(key: str, override, allowed: tuple[str, ...]) -> list[str]:
+    """A line for each value of a closed-choice key that is not one of its values (sweeps and lists too)."""
+    given = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    flat = [item for value in given for item in (value if isinstance(value, list) else [value])]
+    lines = []
+    for value in flat:
+        if isinstance(value, str) and value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=3, cutoff=0.5)
+            lines.append(f"{key}={value}: not a choice; {_did_you_mean(close, key + '=')}"
+                         f"choices: {', '.join(allowed)}")
     return lines
 
 
@@ -174,12 +215,16 @@ def did_you_mean(argv: Optional[list[str]] = None) -> Iterator[None]:
         raise
 
 
-def _print_suggestions(argv: list[str]) -> None:
-    from hydra._internal.utils import get_args_parser
+def command_line_overrides(argv: list[str]) -> list[str]:
+    """The overrides among Hydra's command-line arguments: ``key=value``, ``+key=value``, ``~key``.
+    Options (``-m``, ``--config-name=x``, ``-cn x``) start with ``-``; an option's separate value
+    (``x`` above) holds no ``=`` and is no override either."""
+    return [arg for arg in argv if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
 
+
+def _print_suggestions(argv: list[str]) -> None:
     try:
-        args, _ = get_args_parser().parse_known_args(argv)
-        lines = suggestions(list(args.overrides))
+        lines = suggestions(command_line_overrides(argv))
     except Exception:  # noqa: BLE001 - a hint must never hide Hydra's own error message
         return
     for line in lines:

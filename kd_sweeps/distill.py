@@ -45,13 +45,14 @@ from typing import Sequence
 
 import torch
 
+from kd_sweeps.choices import DistillMode, values
 from kd_sweeps.cost import ModelShape, generation_flops
 from kd_sweeps.data import IGNORE_INDEX, Encoded, TrainExample
 from kd_sweeps.generate import Request, Sampling, continuous_generate
 from kd_sweeps.sections import Spans, label_tensor, supervised_tokens
 
 log = logging.getLogger(__name__)
-MODES = ("offline", "sequence", "on_policy")
+MODES = values(DistillMode)
 SEQUENCES_VERSION = 1  # bump when the cached sequences' format or meaning changes
 
 

@@ -32,9 +32,10 @@ import torch
 
 from kd_sweeps import chunked_loss
 from kd_sweeps.checkpoint import TrainState, set_rng_state
+from kd_sweeps.choices import TeacherParallel, values
 
 PORT_RANGE = (20000, 60000)  # derived ports stay above the well-known ones and below the ephemeral range
-TEACHER_PARALLEL = ("replicate", "shard")
+TEACHER_PARALLEL = values(TeacherParallel)
 
 
 @dataclass(frozen=True)

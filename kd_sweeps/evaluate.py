@@ -27,11 +27,12 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import DictConfig
 
+from kd_sweeps.choices import Engine, values
 from kd_sweeps.data import load_records, prompt_messages
 from kd_sweeps.generate import Generated, Request, Sampling
 
 log = logging.getLogger(__name__)
-ENGINES = ("transformers", "vllm", "auto")
+ENGINES = values(Engine)
 _SENTINEL = "KDSWEEPSENDOFTURNPROBE"  # an assistant turn's content, to find what the template puts after it
 
 

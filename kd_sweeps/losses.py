@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_NAMES = ("forward_kl", "reverse_kl", "combined_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+from kd_sweeps.choices import LossName, values
+
+LOSS_NAMES = values(LossName)
 
 
 def _check_name(name: str) -> None:

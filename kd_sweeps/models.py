@@ -16,11 +16,13 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from kd_sweeps.schema import EvalConfig, LossConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +143,15 @@ def _prepare(model, spec: dict, role: str, tokenizer, device, cached_at: Path) -
     records = make_split(spec["prep_examples"], seed, spec["prep_min_steps"], spec["prep_max_steps"], "prep")
     encoded, _ = data.encode(records, tokenizer, max_tokens=10**6)
     examples, _ = data.training_examples(encoded, ("P", "CoT", "A"), 1.0, "lead", False, seed)
-    settings = train.LoopSettings(max_steps=spec["prep_steps"], batch_size=spec["prep_batch_size"],
-                                  lr=spec["prep_lr"], weight_decay=0.01, warmup_ratio=0.05,
-                                  precision=spec["prep_precision"], seed=seed)
+    settings = TrainConfig(max_steps=spec["prep_steps"], batch_size=spec["prep_batch_size"], lr=spec["prep_lr"],
+                           weight_decay=0.01, warmup_ratio=0.05, precision=spec["prep_precision"])
     if spec["prep_steps"] > 0:
         _announce(model, spec, role, examples, tokenizer.pad_token_id, device, cached_at)
-        train.train_loop(model, None, examples, tokenizer.pad_token_id, settings, train.LossSettings(kd_ratio=0.0),
-                         device, desc=f"prepare {role}")
+        train.train_loop(model, None, examples, tokenizer.pad_token_id, settings, LossConfig(kd_ratio=0.0),
+                         device, desc=f"prepare {role}", seed=seed)
     # Held-out combinations of every length 2..12 (the sweep's test split), in a fixed order.
     heldout = make_split(spec["prep_eval_problems"], 123_456, 2, 12, split="test")
-    result = evaluate.evaluate(model, tokenizer, heldout, _EvalDefaults(), device)
+    result = evaluate.evaluate(model, tokenizer, heldout, EvalConfig(), device)  # greedy, 256 new tokens
     return {"role": role, "accuracy": result.accuracy, "stderr": result.stderr, "n": result.n,
             "spec": spec, "params": sum(p.numel() for p in model.parameters())}
 
@@ -184,23 +185,11 @@ def _seconds_per_step(model, examples, pad_id: int, autocast: bool, device) -> f
     times = []
     for _ in range(2):
         started = time.perf_counter()
-        scaled, _, _ = train.step_losses(model, None, batch, n_supervised, train.LossSettings(kd_ratio=0.0), autocast)
+        scaled, _, _ = train.step_losses(model, None, batch, n_supervised, LossConfig(kd_ratio=0.0), autocast)
         scaled.backward()
         times.append(time.perf_counter() - started)
     model.zero_grad(set_to_none=True)
     return min(times)
-
-
-@dataclass
-class _EvalDefaults:
-    """Greedy, as the sweep's own evaluation of the embedded task (conf/eval/synthetic.yaml)."""
-
-    max_new_tokens: int = 256
-    batch_size: int = 100
-    n_samples: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
 
 
 class ModelError(ValueError):

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+from kd_sweeps.choices import Precision, values
+
+PRECISIONS = values(Precision)
 # /proc/cpuinfo flags of x86 CPUs that compute bf16 natively (AVX512-BF16 dot products, AMX tiles).
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")

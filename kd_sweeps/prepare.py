@@ -31,12 +31,13 @@ import logging
 from pathlib import Path
 from typing import Callable, Optional
 
+from kd_sweeps.choices import Rows, values
 from kd_sweeps.prepare_table import filter_rows, prepared_table
 from kd_sweeps.sources import DATASETS, SourceError, SourceReport, infer_schema, read_rows, records_of
 
 log = logging.getLogger(__name__)
 
-ROW_CHOICES = ("length", "paper")
+ROW_CHOICES = values(Rows)
 PAPER_ROWS = Path(__file__).parent / "paper_rows"
 PAPER_COUNTS = {"bespoke_stratos17k": 9_354, "open_thoughts114k": 42_010, "skyt1": 9_299}  # published lists
 FORMAT_VERSION = 1  # bump when formatting changes: caches of the old rows are then not reused

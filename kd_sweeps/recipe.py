@@ -142,10 +142,12 @@ class PointRecipe:
         cfg, env = self.cfg, self.env
         with PeakMemory(self.device) as memory:
             self.started = time.perf_counter()
+            # The loop reads the schema's dataclasses themselves (train.max_steps settled).
             last = train.train_loop(self.student_model, self.teacher_model, self.examples,
-                                    self.tokenizer.pad_token_id, loop_settings(cfg), loss_settings(cfg), self.device,
-                                    self.on_step, desc=f"trunc={cfg.trunc} {cfg.sections.name}", resume=self.resume,
-                                    dist=env, rollout=self.rollout)
+                                    self.tokenizer.pad_token_id, OmegaConf.to_object(cfg.train),
+                                    OmegaConf.to_object(cfg.loss), self.device, self.on_step,
+                                    desc=f"trunc={cfg.trunc} {cfg.sections.name}", resume=self.resume,
+                                    dist=env, rollout=self.rollout, seed=cfg.seed)
             self.train_time = self.train_time_s + time.perf_counter() - self.started
             self.last_losses = last or self.last_losses  # resumed after the last step: no step ran here
         # Each rank metered its own micro-batches: the run's cost is their sum; memory, the busiest rank's.
@@ -210,23 +212,6 @@ class PointRecipe:
 
 
 # --------------------------------------------------------------------------- settings and setup helpers
-
-
-def loop_settings(cfg: DictConfig) -> train.LoopSettings:
-    """The loop's settings from a config whose max_steps is set (``settled_config``)."""
-    t = cfg.train
-    return train.LoopSettings(max_steps=t.max_steps, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
-                              lr=t.lr, weight_decay=t.weight_decay, decay_norms_and_biases=t.decay_norms_and_biases,
-                              betas=tuple(t.betas), schedule=t.schedule, warmup_ratio=t.warmup_ratio,
-                              div_factor=t.div_factor, final_div_factor=t.final_div_factor,
-                              cycle_momentum=t.cycle_momentum, grad_clip=t.grad_clip, precision=t.precision,
-                              log_every=t.log_every, seed=cfg.seed, loss_impl=t.loss_impl)
-
-
-def loss_settings(cfg: DictConfig) -> train.LossSettings:
-    loss = cfg.loss
-    return train.LossSettings(name=loss.name, kd_ratio=loss.kd_ratio, temperature=loss.temperature,
-                              beta=loss.beta, alpha=loss.alpha, mix=loss.mix, normalize=loss.normalize)
 
 
 def settled_config(cfg: DictConfig, device, n_examples: int) -> DictConfig:

@@ -22,7 +22,7 @@ def main(cfg: DictConfig, overrides: list[str] | None = None, claimed: bool = Tr
     """Run one grid point. ``claimed``: whether this process holds the point's claim (rank 0 takes it
     for the whole point, kd_sweeps/claim.py; other ranks' value is ignored)."""
     validate(cfg)  # before anything heavy: a bad point fails in a second with every problem listed
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # plain strings for the record and W&B
     point_id = identity.run_id(resolved)
     output_dir = Path(cfg.output_dir)
     env = distributed.init_distributed(cfg.train.device)  # one process, or one rank of torchrun / submitit tasks

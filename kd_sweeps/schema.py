@@ -1,5 +1,6 @@
 """Typed config schema, registered in Hydra's ConfigStore. YAML files in ``conf/`` choose values;
-these dataclasses give every key its type, default and meaning. Unknown keys are errors (struct mode).
+these dataclasses give every key its type, default and meaning. Unknown keys are errors (struct mode),
+and a key typed by one of ``kd_sweeps.choices`` takes only its values, checked at composition.
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from kd_sweeps.choices import (Attention, Baseline, DataSource, Device, DistillMode, Engine, LoggerMode, LossImpl,
+                                 LossName, ModelSource, Normalize, Precision, Rows, Schedule, Section, SectionsPreset,
+                                 Selection, TeacherCache, TeacherParallel, TruncationMode)
+
 
 @dataclass
 class ModelSpec:
     """One model of the pair. ``source=embedded`` builds it in code; ``pretrained`` loads a hub id or path."""
 
-    source: str = "embedded"  # embedded | pretrained
+    source: ModelSource = ModelSource.embedded  # embedded | pretrained
     name_or_path: str = MISSING  # hub id / local dir (pretrained) or a cache label (embedded)
     # Shape of an embedded model (a Qwen3 architecture); ignored for pretrained models.
     layers: int = 2
@@ -28,7 +33,7 @@ class ModelSpec:
     prep_max_steps: int = 12
     prep_examples: int = 20000
     prep_eval_problems: int = 200  # held-out problems (2..12 steps) its accuracy is reported on
-    prep_precision: str = "auto"  # auto (bf16 where the device has it natively, else fp32) | bf16 | fp32
+    prep_precision: Precision = Precision.auto  # auto (bf16 where the device has it natively, else fp32) | bf16 | fp32
 
 
 @dataclass
@@ -36,14 +41,14 @@ class ModelConfig:
     name: str = MISSING  # preset label, e.g. "tiny"
     teacher: ModelSpec = field(default_factory=ModelSpec)
     student: ModelSpec = field(default_factory=ModelSpec)
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: Attention = Attention.sdpa  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False  # remote code from a model repo runs only when asked
 
 
 @dataclass
 class DataConfig:
     name: str = "synthetic"  # synthetic (embedded task) | a dataset of kd_sweeps.sources.DATASETS
-    source: str = "synthetic"  # synthetic | hub | json | path (a saved dataset or data-file folder)
+    source: DataSource = DataSource.synthetic  # synthetic | hub | json | path (a saved dataset or data-file folder)
     path: str = ""  # hub id, JSON/JSONL file or folder; empty = the named dataset's hub id
     split: Optional[str] = None  # split to read (None: the dataset's own)
     n_train: Optional[int] = 2000  # training sequences, the same for every grid point (None: all)
@@ -57,7 +62,7 @@ class DataConfig:
     seed: int = 42  # data generation and split seed, fixed across grid points
     # Real datasets: which rows are split. length = every usable row of at most max_tokens tokens;
     # paper = the authors' published row lists (Bespoke-Stratos-17k, OpenThoughts-114k, Sky-T1 only)
-    rows: str = "length"
+    rows: Rows = Rows.length
     num_proc: int = 0  # worker processes that format/tokenize a real dataset (0: one per CPU, from 50k rows)
     # Plan only (python -m kd_sweeps.plan; the run ignores it): typical [P, CoT, A] tokens per sequence,
     # assumed where the data cannot be read and no measured lengths are cached; None: no assumption
@@ -68,13 +73,13 @@ class DataConfig:
 class SectionsConfig:
     """Which sections get KD/CE supervision: a preset name and its list (any combination allowed)."""
 
-    name: str = "all"  # all | prompt_cot | cot | cot_ans | ans | prompt_ans | custom
-    include: list[str] = field(default_factory=lambda: ["P", "CoT", "A"])  # subset of P, CoT, A
+    name: SectionsPreset = SectionsPreset.all  # all | prompt_cot | cot | cot_ans | ans | prompt_ans | custom
+    include: list[Section] = field(default_factory=lambda: list(Section))  # subset of P, CoT, A
 
 
 @dataclass
 class TruncationConfig:
-    mode: str = "lead"  # lead | left | middle | right | random_labels
+    mode: TruncationMode = TruncationMode.lead  # lead | left | middle | right | random_labels
     cut_after_think: bool = False  # drop everything after the first </think> before truncating
 
 
@@ -82,7 +87,7 @@ class TruncationConfig:
 class DistillConfig:
     """Where the supervised sequences come from (kd_sweeps/distill.py, docs/recipe.md)."""
 
-    mode: str = "offline"  # offline (the dataset's traces) | sequence (the teacher's) | on_policy (the student's)
+    mode: DistillMode = DistillMode.offline  # offline (the dataset's traces) | sequence (the teacher's) | on_policy (the student's)
     lmbda: float = 0.0  # on_policy: chance that a step trains on the student's own samples (GKD's lambda)
     temperature: float = 1.0  # sampling of rollouts / teacher sequences; 0 = greedy
     top_p: float = 1.0  # nucleus sampling; 1 = off
@@ -95,7 +100,7 @@ class DistillConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "forward_kl"  # forward_kl | reverse_kl | combined_kl | jsd | tvd | skew_kl | skew_reverse_kl
+    name: LossName = LossName.forward_kl  # forward_kl | reverse_kl | combined_kl | jsd | tvd | skew_kl | skew_reverse_kl
     kd_ratio: float = 0.5  # total = (1 - kd_ratio) * CE + kd_ratio * KD (paper default 0.5)
     temperature: float = 1.0  # softmax temperature; the KD term is scaled by T^2
     beta: float = 0.5  # jsd interpolation weight
@@ -104,7 +109,7 @@ class LossConfig:
     # token: the step's loss is its sum over supervised tokens / their count (every token weighs the
     # same); sequence: each sequence's own token mean, averaged over the step's sequences (every
     # sequence weighs the same: the paper's batch of 1 per GPU with the GPUs' gradients averaged).
-    normalize: str = "token"
+    normalize: Normalize = Normalize.token
 
 
 @dataclass
@@ -122,7 +127,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     decay_norms_and_biases: bool = False  # also decay 1-D parameters (norm weights, biases)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
-    schedule: str = "cosine"  # cosine (linear warm-up, cosine to 0) | onecycle (torch's OneCycleLR)
+    schedule: Schedule = Schedule.cosine  # cosine (linear warm-up, cosine to 0) | onecycle (torch's OneCycleLR)
     warmup_ratio: float = 0.1  # fraction of steps warming up (onecycle: its pct_start)
     div_factor: float = 25.0  # onecycle: the first lr is lr / div_factor
     final_div_factor: float = 1e4  # onecycle: the last lr is the first / final_div_factor
@@ -131,20 +136,20 @@ class TrainConfig:
     # Compute dtype; master weights and AdamW state are fp32 always. auto: bf16 where the device
     # computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32 (bf16 emulated
     # on a CPU is ~3x slower). The resolved value is in result.json's summary (precision).
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: Precision = Precision.auto  # auto | bf16 | fp32
     num_threads: int = 0  # CPU threads for torch; 0 = leave torch's default
     log_every: int = 10
     checkpoint_every: int = 0  # save the exact training state every N steps (0: only on preemption)
     # Which weights are the run's checkpoint: final (the last step) | best_val (lowest validation CE
     # on full, untruncated sequences: the paper's selection, one objective for every trunc).
-    checkpoint_selection: str = "final"
+    checkpoint_selection: Selection = Selection.final
     val_every: int = 0  # best_val: validate every N steps and after the last (0: every tenth of the run)
-    device: str = "auto"  # auto | cpu | cuda
-    loss_impl: str = "chunked"  # chunked (output layers on supervised positions only) | full
-    teacher_cache: str = "none"  # none (teacher runs every step) | topk (its top-k, computed once)
+    device: Device = Device.auto  # auto | cpu | cuda
+    loss_impl: LossImpl = LossImpl.chunked  # chunked (output layers on supervised positions only) | full
+    teacher_cache: TeacherCache = TeacherCache.none  # none (teacher runs every step) | topk (its top-k, computed once)
     teacher_topk: int = 32  # k of the top-k cache; the rest of the distribution is one tail bucket
     activation_checkpointing: bool = False  # recompute each layer in backward: ~1/3 more compute, far less memory
-    teacher_parallel: str = "replicate"  # several processes: full teacher per rank | shard (FSDP2, less memory)
+    teacher_parallel: TeacherParallel = TeacherParallel.replicate  # several processes: full teacher per rank | shard (FSDP2, less memory)
 
 
 @dataclass
@@ -173,7 +178,7 @@ class EvalConfig:
     batch_size: int = 100  # transformers engine: rows decoded at once (continuous batching slots)
     # transformers (always available) | vllm (the optional extra, on CUDA) | auto (vllm when it is
     # installed and the run is on CUDA, else transformers); both give the same results format.
-    engine: str = "transformers"
+    engine: Engine = Engine.transformers
     # Sampling, the same in both engines and always explicit (no model or library default applies):
     n_samples: int = 1  # samples per problem; accuracy = mean over samples (pass@1)
     temperature: float = 0.0  # 0 = greedy (top_p and top_k then do not matter)
@@ -183,12 +188,12 @@ class EvalConfig:
     benchmark_paths: dict[str, str] = field(default_factory=dict)  # local copies: {name: file}
     # References evaluated as the points are, once per model and evaluation and cached (kd_sweeps/
     # baselines.py): the student before KD (step 0) and the teacher; [] measures none.
-    baselines: list[str] = field(default_factory=lambda: ["student", "teacher"])
+    baselines: list[Baseline] = field(default_factory=lambda: list(Baseline))
 
 
 @dataclass
 class LoggerConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: LoggerMode = LoggerMode.offline  # offline | online | disabled
     project: str = "kd-sweeps"
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)

@@ -20,16 +20,18 @@ from typing import Sequence
 
 import torch
 
-SECTIONS = ("P", "CoT", "A")
-SECTION_PRESETS = {  # the six section combinations compared in the paper
-    "all": ("P", "CoT", "A"),
-    "prompt_cot": ("P", "CoT"),
-    "cot": ("CoT",),
-    "cot_ans": ("CoT", "A"),
-    "ans": ("A",),
-    "prompt_ans": ("P", "A"),
+from kd_sweeps.choices import Section, SectionsPreset, TruncationMode, values
+
+SECTIONS = values(Section)
+SECTION_PRESETS = {  # the six section combinations compared in the paper (sections.name; or custom)
+    SectionsPreset.all: ("P", "CoT", "A"),
+    SectionsPreset.prompt_cot: ("P", "CoT"),
+    SectionsPreset.cot: ("CoT",),
+    SectionsPreset.cot_ans: ("CoT", "A"),
+    SectionsPreset.ans: ("A",),
+    SectionsPreset.prompt_ans: ("P", "A"),
 }
-TRUNCATION_MODES = ("lead", "left", "middle", "right", "random_labels")
+TRUNCATION_MODES = values(TruncationMode)
 
 
 class MarkerError(ValueError):

@@ -23,9 +23,9 @@ import torch
 
 from kd_sweeps import data, distributed, train
 from kd_sweeps.distributed import DistEnv
+from kd_sweeps.schema import LossConfig
 
 VAL_SECTIONS = ("CoT", "A")  # what generation produces at evaluation: the whole assistant turn
-CHOICES = ("final", "best_val")
 
 
 def validation_examples(data_cfg, tokenizer, cache_dir=None) -> list[data.TrainExample]:
@@ -51,7 +51,7 @@ def validation_loss(model, examples: Sequence[data.TrainExample], pad_id: int, m
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # little padding
     span = micro_batch * env.world_size
-    no_kd = train.LossSettings(kd_ratio=0.0)
+    no_kd = LossConfig(kd_ratio=0.0)
     ce_sum = n_sum = 0.0
     for start in range(0, len(order), span):
         chosen = [examples[i] for i in order[start:start + span]]

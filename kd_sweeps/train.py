@@ -3,7 +3,7 @@
 Per optimizer step: take ``batch_size`` sequences (the GLOBAL batch, over all ranks), give each
 rank its share, split that into micro-batches of ``micro_batch_size`` (the gradient accumulation is
 derived: share / micro-batch), run the frozen teacher under no_grad and the student, and add up
-the loss ``(1 - r) * CE + r * KD``, normalised one of two ways (``LossSettings.normalize``):
+the loss ``(1 - r) * CE + r * KD``, normalised one of two ways (``loss.normalize``):
 
   token     sum over the step's supervised tokens / the step's supervised-token count: every token
             weighs the same (long sequences weigh more);
@@ -14,6 +14,10 @@ Either way each micro-batch's loss is its share of the step's value, so the grad
 depend on how the global batch is split over ranks and micro-batches. The student's master
 weights and AdamW's state are fp32 (``models.load_pair``); bf16 is only the compute dtype
 (autocast here; FSDP2's mixed-precision policy when sharded, ``distributed.shard_student``).
+
+The loop reads the schema's own dataclasses: ``settings`` is a ``schema.TrainConfig`` (with
+``max_steps`` set) and ``loss`` a ``schema.LossConfig``; a grid point passes its config's
+(``recipe.PointRecipe``), the embedded models' preparation builds them in code.
 """
 
 from __future__ import annotations
@@ -28,47 +32,17 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from kd_sweeps import distributed, precision
+from kd_sweeps.choices import Normalize, Schedule, values
 from kd_sweeps.checkpoint import PreemptionGuard, TrainState
 from kd_sweeps.chunked_loss import chunked_kd_ce, supervised_positions
 from kd_sweeps.data import IGNORE_INDEX, TrainExample, collate, epoch_batches
 from kd_sweeps.distributed import DistEnv, hidden_and_head  # also works on an FSDP-sharded model
 from kd_sweeps.losses import ce_loss, kd_loss
+from kd_sweeps.schema import LossConfig, TrainConfig
 
 log = logging.getLogger(__name__)
-SCHEDULES = ("cosine", "onecycle")
-NORMALIZE = ("token", "sequence")
-
-
-@dataclass
-class LoopSettings:
-    max_steps: int
-    batch_size: int  # sequences per optimizer step, all ranks together
-    micro_batch_size: Optional[int] = None  # sequences per forward on a rank; None: the rank's whole share
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.05
-    decay_norms_and_biases: bool = False  # False: no decay on 1-D parameters (norm weights, biases)
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's; onecycle with cycle_momentum drives betas[0]
-    schedule: str = "cosine"  # cosine (linear warm-up, cosine to 0) | onecycle (torch's OneCycleLR)
-    warmup_ratio: float = 0.1
-    div_factor: float = 25.0  # onecycle: first lr = lr / div_factor
-    final_div_factor: float = 1e4  # onecycle: last lr = first lr / final_div_factor
-    cycle_momentum: bool = True  # onecycle: beta1 0.95 -> 0.85 at the peak -> 0.95 (torch's default)
-    grad_clip: float = 1.0
-    precision: str = "auto"  # compute dtype: auto | bf16 | fp32 (kd_sweeps.precision)
-    log_every: int = 10
-    seed: int = 0
-    loss_impl: str = "chunked"  # chunked | full (see step_losses)
-
-
-@dataclass
-class LossSettings:
-    name: str = "forward_kl"
-    kd_ratio: float = 0.5
-    temperature: float = 1.0
-    beta: float = 0.5
-    alpha: float = 0.1
-    mix: float = 0.5
-    normalize: str = "token"  # token | sequence (see the module docstring)
+SCHEDULES = values(Schedule)
+NORMALIZE = values(Normalize)
 
 
 def warmup_cosine(step: int, total: int, warmup_ratio: float) -> float:
@@ -80,7 +54,7 @@ def warmup_cosine(step: int, total: int, warmup_ratio: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(student, settings: LoopSettings) -> torch.optim.AdamW:
+def build_optimizer(student, settings: TrainConfig) -> torch.optim.AdamW:
     """AdamW over every student parameter, with or without decay on norm weights and biases."""
     if settings.decay_norms_and_biases:
         groups = [{"params": list(student.parameters()), "weight_decay": settings.weight_decay}]
@@ -90,7 +64,7 @@ def build_optimizer(student, settings: LoopSettings) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas))
 
 
-def build_schedule(optimizer, settings: LoopSettings):
+def build_schedule(optimizer, settings: TrainConfig):
     """The learning-rate schedule, stepped once after every optimizer step."""
     if settings.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
@@ -108,7 +82,7 @@ def build_schedule(optimizer, settings: LoopSettings):
         cycle_momentum=settings.cycle_momentum)
 
 
-def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: LossSettings,
+def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: LossConfig,
                 autocast: bool, impl: str = "chunked", n_step_sequences: int = 0) -> tuple[torch.Tensor, float, float]:
     """Loss of one micro-batch, scaled so that summing over the step's micro-batches (and ranks)
     gives the step's value. Returns (scaled total, ce, kd) with ce and kd this micro-batch's shares
@@ -141,7 +115,7 @@ def _sequence_rows(labels: torch.Tensor) -> list[slice]:
     return [slice(start, start + n) for start, n in zip(starts, counts) if n]
 
 
-def _chunked_terms(student, teacher, batch, loss: LossSettings, autocast: bool, per_sequence: bool) -> list:
+def _chunked_terms(student, teacher, batch, loss: LossConfig, autocast: bool, per_sequence: bool) -> list:
     """[(total, ce, kd, supervised rows)] of the chunked loss: one term, or one per sequence."""
     topk = batch.get("teacher_topk")  # set when the teacher is a cached one (teachers.CachedTeacher)
     use_teacher = teacher is not None and loss.kd_ratio > 0
@@ -175,7 +149,7 @@ def _chunked_terms(student, teacher, batch, loss: LossSettings, autocast: bool, 
     return terms
 
 
-def _full_terms(student, teacher, batch, loss: LossSettings, autocast: bool, per_sequence: bool) -> list:
+def _full_terms(student, teacher, batch, loss: LossConfig, autocast: bool, per_sequence: bool) -> list:
     """[(total, ce, kd, supervised tokens)] from (B, T, V) logits: one term, or one per sequence."""
     if batch.get("teacher_topk") is not None:
         raise ValueError("the cached teacher needs train.loss_impl=chunked")
@@ -219,10 +193,10 @@ class Resume:
 
 
 def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
-               settings: LoopSettings, loss: LossSettings, device: torch.device,
+               settings: TrainConfig, loss: LossConfig, device: torch.device,
                on_step: Optional[Callable[[int, dict, list], None]] = None,
                desc: str = "train", resume: Optional[Resume] = None,
-               dist: Optional[DistEnv] = None, rollout=None) -> dict:
+               dist: Optional[DistEnv] = None, rollout=None, seed: int = 0) -> dict:
     """Train ``student`` in place. ``on_step(step, metrics, micro_batches)`` is called after every
     optimizer step with, per micro-batch, its padded shape, real lengths and supervised-token count
     (logging and cost accounting live there). With ``resume``,
@@ -230,12 +204,13 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
     With ``dist`` (several processes, student sharded by ``distributed.shard_student``) every rank
     trains on its slice of each global batch; metrics are global, ``micro_batches`` this rank's own.
     With ``rollout`` (``distill.OnPolicy``) a step it draws trains on the student's own samples of
-    the batch's prompts instead, on the divergence alone. Returns the last step's metrics."""
+    the batch's prompts instead, on the divergence alone. ``seed`` fixes the batch order and torch's
+    RNG (the grid point's seed). Returns the last step's metrics."""
     dist = dist or DistEnv()
     distributed.micro_batch_size(settings.batch_size, settings.micro_batch_size, dist)  # fails before any step
     autocast = precision.resolve(settings.precision, device) == "bf16"
     _warn_low_precision_master(student)
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(seed)
     student.train()
     if teacher is not None:
         teacher.eval()
@@ -246,7 +221,7 @@ def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
         first_step, extra = resume.state.load(student, optimizer, schedule)
         resume.set_extra(extra)
     # The batch order, and random_labels' draw, are pure functions of (seed, step).
-    batches = epoch_batches([len(e.input_ids) for e in examples], settings.batch_size, settings.seed)
+    batches = epoch_batches([len(e.input_ids) for e in examples], settings.batch_size, seed)
     for _ in range(first_step):
         next(batches)
     progress = Progress(settings.max_steps, desc, first_step, enabled=dist.is_main)
@@ -291,7 +266,7 @@ def _warn_low_precision_master(student) -> None:
 
 
 def accumulate_gradients(student, teacher, mine: Sequence[TrainExample], pad_id: int, micro: int,
-                         n_supervised: int, n_sequences: int, loss: LossSettings, autocast: bool, impl: str,
+                         n_supervised: int, n_sequences: int, loss: LossConfig, autocast: bool, impl: str,
                          device) -> tuple[tuple[float, float, float], list]:
     """Forward and backward over this rank's share ``mine`` of a global batch of ``n_sequences``
     sequences and ``n_supervised`` supervised tokens, ``micro`` sequences at a time; gradients add up

@@ -22,48 +22,7 @@ from analysis.load import COLUMNS, load, load_offline_wandb, load_results, runs_
 from analysis.plots import plot_tradeoff, save_figure  # noqa: E402
 from analysis.tables import (ACCURACY, FINISHED, GEN_TOKENS, OF_TEACHER, RETAINED,  # noqa: E402
                              summary_table, to_markdown, write_csv)
-
-
-def record(run_id, sections="cot", trunc=1.0, acc=0.6, status="ok", seed=42, flops=1e12,
-           error=None, benchmarks=("synthetic",)):
-    """A result.json-shaped record like the trainer writes."""
-    summary = {
-        "accuracy": acc, "accuracy_stderr": 0.034,
-        "train_flops": flops, "train_flops_student": 0.75 * flops,
-        "train_flops_teacher": 0.25 * flops, "train_time_s": 40.0 * trunc,
-        "peak_memory_bytes": 812_000_000, "tokens_trained": 300_000,
-        "tokens_supervised": int(150_000 * trunc), "tokens_padded": 9000,
-        "examples_skipped": 3,
-    }
-    if status != "ok":
-        benchmarks = ()  # a failed run gets no evaluation
-    for i, bench in enumerate(benchmarks):
-        summary.update({f"eval/{bench}/accuracy": acc - 0.1 * i, f"eval/{bench}/stderr": 0.034,
-                        f"eval/{bench}/n": 200, f"eval/{bench}/generated_tokens": 21000 + i})
-    include = {"cot": ["CoT"], "cot_ans": ["CoT", "A"], "all": ["P", "CoT", "A"]}[sections]
-    config = {
-        "trunc": trunc, "seed": seed,
-        "truncation": {"mode": "lead", "cut_after_think": False},
-        "sections": {"name": sections, "include": include},
-        "loss": {"name": "forward_kl", "kd_ratio": 0.5, "temperature": 1.0},
-        "model": {"name": "tiny", "teacher": {"name_or_path": "embedded-teacher"},
-                  "student": {"name_or_path": "embedded-base"}},
-        "data": {"name": "synthetic"}, "train": {"lr": 1e-4}, "eval": {}, "logger": {},
-    }
-    if status != "ok":
-        summary = {}
-    return {"run_id": run_id, "sweep": "demo", "status": status, "error": error,
-            "overrides": [f"trunc={trunc}", f"sections={sections}"], "config": config,
-            "summary": summary, "started_at": "2026-11-27T17:00:00+00:00", "finished_at": None}
-
-
-RECORDS = [
-    record("r_cot_050", "cot", 0.5, 0.55, flops=5e11),
-    record("r_cot_100", "cot", 1.0, 0.61, benchmarks=("aime24", "math500")),
-    record("r_ca_050", "cot_ans", 0.5, 0.50, flops=6e11),
-    record("r_ca_100", "cot_ans", 1.0, 0.64, flops=1.2e12),
-    record("r_fail", "all", 0.25, None, status="failed", error="CUDA out of memory"),
-]
+from tests.analysis_records import RECORDS, record  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- stats

@@ -13,8 +13,7 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from analysis.cli import main  # noqa: E402
-from tests.test_analysis_figures import paper_records  # noqa: E402
-from tests.test_analysis_online import FakeApi, FakeRun  # noqa: E402
+from tests.analysis_records import FakeApi, FakeRun, paper_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["trunc=0.25,0.5,1.0", "sections=all,cot,cot_ans,ans", "sweep=demo"]

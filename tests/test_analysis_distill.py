@@ -17,7 +17,7 @@ from tests.helpers import point_folders  # noqa: E402
 from analysis.load import COLUMNS, runs_frame  # noqa: E402
 from analysis.plots import cost_column, plot_tradeoff  # noqa: E402
 from analysis.tables import GEN_FLOPS, RETAINED, summary_frame, summary_table  # noqa: E402
-from tests.test_analysis import record  # noqa: E402
+from tests.analysis_records import record  # noqa: E402
 
 # conf/distill/*.yaml over the schema's defaults: what a run's resolved config records.
 PRESETS = {

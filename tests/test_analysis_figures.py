@@ -18,27 +18,9 @@ from analysis.figures import (figure_sections, figure_tradeoff, figure_truncatio
 from analysis.aggregate import grid_points  # noqa: E402
 from analysis.load import runs_frame  # noqa: E402
 from analysis.plots import plot_tradeoff, save_figure  # noqa: E402
-from tests.test_analysis import record  # noqa: E402
+from tests.analysis_records import TRUNCS, paper_records, record  # noqa: E402
 
-PRESETS = ("cot_ans", "all", "cot")  # not in the paper's order, on purpose
-TRUNCS = (0.25, 0.5, 1.0)
 MISSING = ["job 7: trunc=0.25 sections=ans"]
-
-
-def paper_records() -> list[dict]:
-    """3 presets x 3 truncs x 2 seeds on two benchmarks, plus one failed run."""
-    records = []
-    for p, preset in enumerate(PRESETS):
-        for trunc in TRUNCS:
-            for seed in (1, 2):
-                acc = 0.3 + 0.1 * p + 0.3 * trunc + 0.02 * seed
-                rec = record(f"{preset}-{trunc}-{seed}", preset, trunc, acc, seed=seed,
-                             flops=1e12 * trunc * (1 + 0.2 * p),
-                             benchmarks=("synthetic", "math500"))
-                rec["summary"]["peak_memory_bytes"] = int(2e8 * (1 + trunc))
-                records.append(rec)
-    records.append(record("broken", "all", 0.5, None, status="failed", error="OOM"))
-    return records
 
 
 @pytest.fixture(scope="module")

@@ -20,30 +20,8 @@ from analysis.plots import plot_tradeoff, save_figure  # noqa: E402
 from analysis.tables import (ACCURACY, FINISHED, GEN_TOKENS, OF_TEACHER, REFERENCE_ROWS,  # noqa: E402
                              RETAINED, paper_table, summary_table, unfinished_note, write_csv)
 from tests.helpers import point_folders  # noqa: E402
-from tests.test_analysis import RECORDS, record  # noqa: E402
-
-TEACHER, BASE = 0.887, 0.254
-
-
-def generation_record(run_id, sections, trunc, acc, finished, tokens, teacher=TEACHER, base=BASE,
-                      seed=42):
-    """A record as the trainer writes it now: generation per benchmark and over benchmarks, and
-    the embedded models' accuracies (None for pretrained ones)."""
-    rec = record(run_id, sections, trunc, acc, seed=seed)
-    rec["config"]["eval"] = {"max_new_tokens": 256}
-    rec["summary"].update({
-        "eval/synthetic/finished_rate": finished, "eval/synthetic/gen_tokens_mean": tokens,
-        "eval/synthetic/gen_tokens_max": 256 if finished < 1 else int(tokens) + 5,
-        "finished_rate": finished, "gen_tokens_mean": tokens,
-        "teacher_accuracy": teacher, "base_accuracy": base})
-    return rec
-
-
-RUNS = [generation_record("all-025", "all", 0.25, 0.10, 0.05, 250.0),
-        generation_record("all-050", "all", 0.5, 0.30, 0.60, 140.5),
-        generation_record("all-100", "all", 1.0, 0.60, 0.98, 61.0),
-        generation_record("cot-050", "cot", 0.5, 0.35, 0.90, 70.0),
-        generation_record("cot-100", "cot", 1.0, 0.70, 1.00, 58.0)]
+from tests.analysis_records import (BASE, RECORDS, RUNS, TEACHER,  # noqa: E402
+                                    generation_record)
 
 
 def test_frame_has_generation_and_reference_columns():

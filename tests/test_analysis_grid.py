@@ -14,7 +14,7 @@ import pytest
 from analysis.grid import (describe, expand, expected_grid, grid_status, missing_points,
                            parse_point, sweep_dirs, varying_keys)
 from analysis.load import load_results, runs_frame
-from tests.test_analysis import record
+from tests.analysis_records import record
 
 # A tiny Hydra app run as a real multirun: Hydra itself writes multirun.yaml and
 # hands each job its overrides. Each job writes a result.json like the trainer,

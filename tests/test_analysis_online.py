@@ -1,12 +1,10 @@
 """The online loader against a small fake of wandb's public API (no W&B server is reachable).
 
-The fake pages like ``wandb.Api().runs``: a lazy iterable that fetches
-``per_page`` runs per request, and can answer a request with HTTP 429.
+The fake (in tests/analysis_records.py) pages like ``wandb.Api().runs``: a lazy iterable that
+fetches ``per_page`` runs per request, and can answer a request with HTTP 429.
 """
 
 from __future__ import annotations
-
-import copy
 
 import pandas as pd
 import pytest
@@ -14,20 +12,7 @@ import pytest
 from analysis.load import load, runs_frame
 from analysis.online import (fetch_records, is_rate_limited, load_online, online_record,
                              server_filters)
-from tests.test_analysis import RECORDS
-
-
-class FakeResponse:
-    def __init__(self, status_code: int):
-        self.status_code = status_code
-
-
-class FakeHTTPError(Exception):
-    """Shaped like requests.HTTPError: the status is on .response."""
-
-    def __init__(self, status_code: int):
-        super().__init__(f"{status_code} Client Error")
-        self.response = FakeResponse(status_code)
+from tests.analysis_records import RECORDS, FakeApi, FakeHTTPError, FakeRun
 
 
 class FakeCommError(Exception):
@@ -36,40 +21,6 @@ class FakeCommError(Exception):
     def __init__(self, exc: Exception):
         super().__init__("could not reach the server")
         self.exc = exc
-
-
-class FakeRun:
-    def __init__(self, rec: dict):
-        self.id = rec["run_id"]
-        self.name = rec["run_id"]
-        self.group = rec["sweep"]
-        self.state = {"ok": "finished", "failed": "failed"}[rec["status"]]
-        self.tags = ["kd"]
-        self.config = copy.deepcopy(rec["config"]) | {"_wandb": {"cli_version": "0.31.0"}}
-        self.summary = dict(rec["summary"], _runtime=12.5)
-        if rec["error"]:
-            self.summary["error"] = rec["error"]
-
-
-class FakeApi:
-    """``runs(path, filters=..., per_page=...)`` with per-page requests; ``fail_at`` lists
-    the request numbers (1-based, over the whole session) answered with ``error``."""
-
-    def __init__(self, runs, fail_at=(), error=lambda: FakeHTTPError(429)):
-        self.all_runs, self.fail_at, self.error = runs, set(fail_at), error
-        self.calls: list[tuple] = []
-        self.requests = 0
-
-    def runs(self, path, filters=None, per_page=50):
-        self.calls.append((path, filters, per_page))
-        return self._pages(per_page)
-
-    def _pages(self, per_page):
-        for start in range(0, len(self.all_runs), per_page):
-            self.requests += 1
-            if self.requests in self.fail_at:
-                raise self.error()
-            yield from self.all_runs[start:start + per_page]
 
 
 def fake_runs():

@@ -12,7 +12,7 @@ from analysis import stats
 from analysis.aggregate import PRESET_ORDER, grid_points
 from analysis.load import runs_frame
 from analysis.tables import paper_table, to_markdown, write_csv
-from tests.test_analysis import record
+from tests.analysis_records import record
 
 Z95 = 1.959963984540054  # the 97.5 % quantile of the standard normal
 

@@ -23,8 +23,7 @@ from analysis.plots import FRONT_LABEL, plot_tradeoff  # noqa: E402
 from analysis.stats import normal_ci  # noqa: E402
 from analysis.tables import LATEST, paper_frame, summary_frame, summary_table  # noqa: E402
 from analysis.windows import figure_windows, varies_windows  # noqa: E402
-from tests.test_analysis_generation import RUNS, TEACHER  # noqa: E402
-from tests.test_analysis import record  # noqa: E402
+from tests.analysis_records import RUNS, TEACHER, FakeApi, FakeRun, record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +216,6 @@ def test_each_launch_keeps_its_grid(tmp_path):
 
 def test_online_loader_leaves_summary_runs_out():
     from analysis.online import load_online
-    from tests.test_analysis_online import FakeApi, FakeRun
 
     runs = [FakeRun(rec) for rec in (record("a", "cot", 0.5), record("b", "cot", 1.0))]
     summary = FakeRun(dict(record("sumrun", "cot", 1.0), summary={}))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kd_sweeps.cli_help import did_you_mean, key_help, schema_keys, suggestions
+from kd_sweeps.cli_help import command_line_overrides, did_you_mean, key_help, schema_choices, schema_keys, suggestions
 from tests.conftest import ROOT, compose_config
 
 
@@ -34,6 +34,24 @@ def test_unknown_keys_and_choices_get_the_closest_names():
     assert lines[2].startswith("sections=cott: no such choice; did you mean `sections=cot` or `sections=cot_ans`?")
     assert lines[3].startswith("model.teacher.layer: no such key; did you mean `model.teacher.layers`")
     assert len(lines) == 4  # known keys, free-form extra.*, hydra.* and sweeps of valid choices pass
+
+
+def test_a_value_outside_a_closed_choice_gets_the_closest_values():
+    assert schema_choices()["loss.name"][0] == "forward_kl" and schema_choices()["eval.baselines"] == ("student",
+                                                                                                      "teacher")
+    lines = suggestions(["loss.name=forwrd_kl", "train.precision=bf16,fp8", "eval.baselines=[student,techer]",
+                         "loss.name=jsd", "distill.mode=on_policy"])
+    assert lines[0].startswith("loss.name=forwrd_kl: not a choice; did you mean `loss.name=forward_kl`")
+    assert lines[0].endswith("choices: forward_kl, reverse_kl, combined_kl, jsd, tvd, skew_kl, skew_reverse_kl")
+    assert lines[1].startswith("train.precision=fp8: not a choice; did you mean `train.precision=fp32`?")
+    assert lines[2].startswith("eval.baselines=techer: not a choice; did you mean `eval.baselines=teacher`?")
+    assert len(lines) == 3
+
+
+def test_overrides_are_told_from_hydra_options():
+    argv = ["-m", "--config-name=config", "-cn", "config", "trunc=0.5,1.0", "+extra.note=x", "~eval.baselines",
+            "--cfg", "job"]
+    assert command_line_overrides(argv) == ["trunc=0.5,1.0", "+extra.note=x", "~eval.baselines"]
 
 
 def test_hints_follow_a_failed_launch_only(capsys):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kd_sweeps.launcher import lost_reason, record_lost_point
+from kd_sweeps.schema import LossConfig, TrainConfig
 from tests.conftest import ROOT, compose_config
 from tests.helpers import FAST, launch, point_results
 
@@ -122,9 +123,9 @@ def test_nan_loss_names_step_batch_and_loss():
         with torch.no_grad():
             student.lm_head.weight.fill_(float("inf"))
 
-    settings = train.LoopSettings(max_steps=4, batch_size=8, precision="fp32")
+    settings = TrainConfig(max_steps=4, batch_size=8, precision="fp32")
     with pytest.raises(FloatingPointError) as raised:
-        train.train_loop(student, teacher, examples, tokenizer.pad_token_id, settings, train.LossSettings(),
+        train.train_loop(student, teacher, examples, tokenizer.pad_token_id, settings, LossConfig(),
                          torch.device("cpu"), on_step=poison_second_step, desc="trunc=1.0 all")
     message = str(raised.value)
     assert calls == [0]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kd_sweeps import models, precision
+from kd_sweeps.schema import LossConfig, TrainConfig
 from tests.conftest import ROOT
 
 FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\nbogomips\t: 4000\n"
@@ -78,8 +79,8 @@ def test_the_loop_autocasts_to_bf16_only_where_auto_resolves_to_it(monkeypatch, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train, "step_losses", spy)
-    settings = train.LoopSettings(max_steps=1, batch_size=4, precision="auto")
-    train.train_loop(student, None, examples, tokenizer.pad_token_id, settings, train.LossSettings(kd_ratio=0.0),
+    settings = TrainConfig(max_steps=1, batch_size=4, precision="auto")
+    train.train_loop(student, None, examples, tokenizer.pad_token_id, settings, LossConfig(kd_ratio=0.0),
                      torch.device("cpu"))
     assert seen == [native]
     assert all(p.dtype == torch.float32 for p in student.parameters())  # the weights stay fp32 either way

@@ -205,8 +205,6 @@ def test_validation_refuses_paper_rows_it_cannot_select(compose):
     assert "data.rows=paper with data.name='nemotron'" in str(err.value)
     with pytest.raises(ConfigError, match="data.n_train=9000 \\+ data.n_val=1000: more than the 9354 rows"):
         validate(compose(["data=bespoke_stratos17k", "data.rows=paper", "data.n_train=9000"]))
-    with pytest.raises(ConfigError, match="data.rows='all': must be one of length, paper"):
-        validate(compose(["data=skyt1", "data.rows=all"]))
     validate(compose(["data=skyt1", "data.rows=paper", "eval=math"]))
 
 

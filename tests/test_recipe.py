@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from kd_sweeps import data, distributed, recipe, teachers, train
 from kd_sweeps.distributed import DistEnv
+from kd_sweeps.schema import LossConfig, TrainConfig
 from tests.conftest import compose_config
 from tests.helpers import tiny_setup
 
@@ -52,7 +53,7 @@ def split_step(student, teacher, chosen, normalize, impl, world_size, micro):
     """One step's loss value and gradients with ``chosen`` split over ``world_size`` simulated ranks
     (their gradients added, as FSDP's sum does) and micro-batches of ``micro``."""
     model = copy.deepcopy(student)
-    loss = train.LossSettings(kd_ratio=KD_RATIO, normalize=normalize)
+    loss = LossConfig(kd_ratio=KD_RATIO, normalize=normalize)
     n_supervised = sum(e.n_supervised for e in chosen)
     value = 0.0
     for rank in range(world_size):
@@ -106,7 +107,7 @@ def test_the_paper_batch_runs_on_1_2_4_ranks_and_8_is_refused_by_name():
     assert distributed.micro_batch_size(32, None, DistEnv()) == 32  # train=tiny: one micro-batch
 
 
-def _lrs_and_beta1(settings: train.LoopSettings) -> tuple[list[float], list[float]]:
+def _lrs_and_beta1(settings: TrainConfig) -> tuple[list[float], list[float]]:
     optimizer = train.build_optimizer(torch.nn.Linear(1, 1), settings)
     schedule = train.build_schedule(optimizer, settings)
     lrs, beta1 = [], []
@@ -119,7 +120,7 @@ def _lrs_and_beta1(settings: train.LoopSettings) -> tuple[list[float], list[floa
 
 
 def test_onecycle_is_the_papers_schedule():
-    settings = train.LoopSettings(max_steps=100, batch_size=4, lr=4e-6, schedule="onecycle", betas=(0.9, 0.999))
+    settings = TrainConfig(max_steps=100, batch_size=4, lr=4e-6, schedule="onecycle", betas=(0.9, 0.999))
     lrs, beta1 = _lrs_and_beta1(settings)
     assert lrs[0] == pytest.approx(4e-6 / 25)  # div_factor 25
     assert max(lrs) == pytest.approx(4e-6) and lrs.index(max(lrs)) == 9  # the peak after 10 % of the steps
@@ -129,19 +130,19 @@ def test_onecycle_is_the_papers_schedule():
     assert (beta1[0], beta1[9], beta1[-1]) == (pytest.approx(0.95), pytest.approx(0.85), pytest.approx(0.95))
     # A warm-up of exactly one step (10 % of 10), where torch's OneCycleLR divides by zero unless
     # nudged: the lrs of a warm-up a hair longer, lr / 25 first and then the annealing.
-    short = _lrs_and_beta1(train.LoopSettings(max_steps=10, batch_size=4, lr=1.0, schedule="onecycle"))[0]
+    short = _lrs_and_beta1(TrainConfig(max_steps=10, batch_size=4, lr=1.0, schedule="onecycle"))[0]
     assert short[0] == pytest.approx(1.0 / 25) and 0.9 < short[1] < 1.0
     assert all(a > b for a, b in zip(short[1:], short[2:]))
 
 
 def test_decay_on_every_parameter_or_matrices_only(setup):
     _, _, student, _ = setup
-    paper_like = train.LoopSettings(1, 4, decay_norms_and_biases=True, betas=(0.9, 0.999))
+    paper_like = TrainConfig(max_steps=1, batch_size=4, decay_norms_and_biases=True, betas=(0.9, 0.999))
     everything = train.build_optimizer(student, paper_like)
     assert [g["weight_decay"] for g in everything.param_groups] == [0.05]
     assert len(everything.param_groups[0]["params"]) == len(list(student.parameters()))
     assert everything.param_groups[0]["betas"] == (0.9, 0.999)
-    matrices = train.build_optimizer(student, train.LoopSettings(1, 4))
+    matrices = train.build_optimizer(student, TrainConfig(max_steps=1, batch_size=4))
     assert [g["weight_decay"] for g in matrices.param_groups] == [0.05, 0.0]
     assert all(p.ndim < 2 for p in matrices.param_groups[1]["params"]) and matrices.param_groups[1]["params"]
 
@@ -193,12 +194,12 @@ def test_random_labels_train_with_the_teacher_cache_over_epochs(setup, tmp_path)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     cache = teacher_cache_build.build_cache(teacher, encoded, tmp_path / "cache", vocab - 1, 1.0, 8,
                                       torch.device("cpu"))
-    settings = train.LoopSettings(max_steps=4, batch_size=8, lr=1e-2, precision="fp32", seed=0)  # 2 epochs
+    settings = TrainConfig(max_steps=4, batch_size=8, lr=1e-2, precision="fp32")  # 2 epochs
     results = []
     for kd_teacher in (teacher, teachers.CachedTeacher(cache)):
         losses = []
         train.train_loop(copy.deepcopy(student).float(), kd_teacher, examples, tokenizer.pad_token_id, settings,
-                         train.LossSettings(kd_ratio=1.0, normalize="sequence"), torch.device("cpu"),
+                         LossConfig(kd_ratio=1.0, normalize="sequence"), torch.device("cpu"),
                          on_step=lambda step, metrics, micro: losses.append(metrics["kd_loss"]))
         results.append(losses)
     assert results[0] == pytest.approx(results[1], rel=1e-2, abs=1e-3)
@@ -207,10 +208,10 @@ def test_random_labels_train_with_the_teacher_cache_over_epochs(setup, tmp_path)
 
 def test_progress_lines_outside_a_terminal(setup, caplog):
     tokenizer, examples, student, teacher = setup
-    settings = train.LoopSettings(max_steps=20, batch_size=2, lr=1e-3, precision="fp32", seed=0)
+    settings = TrainConfig(max_steps=20, batch_size=2, lr=1e-3, precision="fp32")
     with caplog.at_level(logging.INFO, logger="kd_sweeps.train"):
         train.train_loop(copy.deepcopy(student), None, examples, tokenizer.pad_token_id, settings,
-                         train.LossSettings(kd_ratio=0.0), torch.device("cpu"), desc="demo")
+                         LossConfig(kd_ratio=0.0), torch.device("cpu"), desc="demo")
     lines = [r.getMessage() for r in caplog.records if r.name == "kd_sweeps.train"]
     assert len(lines) == 10, lines  # one per 10 % of 20 steps (pytest's stderr is not a terminal)
     assert lines[0].startswith("demo: step 2/20 (10%), loss ") and "steps/s" in lines[0] and "left" in lines[0]

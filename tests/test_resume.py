@@ -12,6 +12,7 @@ import torch
 
 from kd_sweeps import evaluate, run, train
 from kd_sweeps.checkpoint import Preempted, TrainState
+from kd_sweeps.schema import LossConfig, TrainConfig
 from tests.conftest import compose_config
 from tests.helpers import FAST, tiny_setup
 
@@ -35,9 +36,9 @@ def train_steps(setup, resume=None, signal_at=None, max_steps=6, examples=None, 
         if step == signal_at:  # what Slurm does before a preemption: a signal to the job
             os.kill(os.getpid(), signal.SIGUSR2)
 
-    settings = train.LoopSettings(max_steps=max_steps, batch_size=8, lr=5e-3, precision="bf16", seed=3, **recipe)
-    train.train_loop(model, teacher, examples, tokenizer.pad_token_id, settings, loss or train.LossSettings(),
-                     torch.device("cpu"), on_step, resume=resume)
+    settings = TrainConfig(max_steps=max_steps, batch_size=8, lr=5e-3, precision="bf16", **recipe)
+    train.train_loop(model, teacher, examples, tokenizer.pad_token_id, settings, loss or LossConfig(),
+                     torch.device("cpu"), on_step, resume=resume, seed=3)
     return losses, model
 
 
@@ -64,7 +65,7 @@ def test_paper_recipe_resumes_bit_exact_across_epochs(setup, tmp_path):
     encoded, _ = data.encode(make_split(16, seed=0), setup[0], 4096)
     examples, _ = data.training_examples(encoded, ("P", "CoT", "A"), 0.5, "random_labels", False, 3)
     assert len(examples) == 16  # 2 steps of 8 per epoch: 4 steps are 2 epochs, two draws of the labels
-    recipe = dict(examples=examples, loss=train.LossSettings(normalize="sequence"), micro_batch_size=2,
+    recipe = dict(examples=examples, loss=LossConfig(normalize="sequence"), micro_batch_size=2,
                   schedule="onecycle", betas=(0.9, 0.999), decay_norms_and_biases=True)
     reference, ref_model = train_steps(setup, max_steps=4, **recipe)
     state = TrainState(tmp_path)

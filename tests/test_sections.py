@@ -271,3 +271,10 @@ def test_label_tensor():
 def test_label_tensor_mask_length_mismatch():
     with pytest.raises(ValueError, match="mask"):
         label_tensor([1, 2, 3], (0, 3), [True, False])
+
+
+def test_the_presets_are_the_schema_choices_but_custom():
+    from kd_sweeps.choices import SectionsPreset, values
+
+    assert [*SECTION_PRESETS, "custom"] == list(values(SectionsPreset))
+    assert all(set(included) <= set(SECTIONS) for included in SECTION_PRESETS.values())

@@ -12,6 +12,7 @@ import torch
 
 from kd_sweeps import data, models, selection, train
 from kd_sweeps.losses import ce_loss
+from kd_sweeps.schema import LossConfig, TrainConfig
 from kd_sweeps.synthetic import make_split
 from kd_sweeps.tokenizer import build_tokenizer
 
@@ -49,9 +50,8 @@ def test_best_val_saves_the_lowest_validation_step_not_the_last(tmp_path):
 
     # lr warming up to 1.0: the loss first falls, then the updates overshoot and it climbs again
     # (validation losses ~5.5, 9.9, 9.7, 15, 12.9, 8.3).
-    settings = train.LoopSettings(max_steps=STEPS, batch_size=8, lr=1.0, warmup_ratio=0.5, grad_clip=0.0,
-                                  precision="fp32", seed=0)
-    train.train_loop(student, None, examples, tokenizer.pad_token_id, settings, train.LossSettings(kd_ratio=0.0),
+    settings = TrainConfig(max_steps=STEPS, batch_size=8, lr=1.0, warmup_ratio=0.5, grad_clip=0.0, precision="fp32")
+    train.train_loop(student, None, examples, tokenizer.pad_token_id, settings, LossConfig(kd_ratio=0.0),
                      torch.device("cpu"), on_step=on_step)
 
     steps, losses = zip(*selector.history)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kd_sweeps import data, teachers, train
+from kd_sweeps.schema import LossConfig, TrainConfig
 from kd_sweeps.synthetic import make_split
 from tests.helpers import tiny_setup
 
@@ -20,11 +21,11 @@ def setup():
 def run(setup, grad_accum: int, steps: int = 2, kd_ratio: float = 0.5):
     tokenizer, examples, student, teacher = setup
     model = copy.deepcopy(student).double()
-    settings = train.LoopSettings(max_steps=steps, batch_size=8, micro_batch_size=8 // grad_accum, lr=1e-2,
-                                  precision="fp32", seed=0)
+    settings = TrainConfig(max_steps=steps, batch_size=8, micro_batch_size=8 // grad_accum, lr=1e-2,
+                           precision="fp32")
     losses = []
     train.train_loop(model, teacher.double(), examples, tokenizer.pad_token_id, settings,
-                     train.LossSettings(kd_ratio=kd_ratio), torch.device("cpu"),
+                     LossConfig(kd_ratio=kd_ratio), torch.device("cpu"),
                      on_step=lambda step, metrics, micro: losses.append(metrics["loss"]))
     return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -52,7 +53,7 @@ def test_kd_ratio_zero_is_plain_cross_entropy(setup):
     tokenizer, examples, student, teacher = setup
     batch = data.collate(examples[:4], tokenizer.pad_token_id)
     n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
-    total, ce, kd = train.step_losses(student, teacher, batch, n, train.LossSettings(kd_ratio=0.0), False)
+    total, ce, kd = train.step_losses(student, teacher, batch, n, LossConfig(kd_ratio=0.0), False)
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                   batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
@@ -72,10 +73,10 @@ def test_nan_loss_stops_with_step_named(setup):
     model = copy.deepcopy(student)
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
-    settings = train.LoopSettings(max_steps=3, batch_size=8, precision="fp32")
+    settings = TrainConfig(max_steps=3, batch_size=8, precision="fp32")
     with pytest.raises(FloatingPointError, match="at step 0"):
         train.train_loop(model, teacher, examples, tokenizer.pad_token_id, settings,
-                         train.LossSettings(), torch.device("cpu"))
+                         LossConfig(), torch.device("cpu"))
 
 
 def test_cached_teacher_matches_the_online_teacher(setup, tmp_path):
@@ -88,12 +89,12 @@ def test_cached_teacher_matches_the_online_teacher(setup, tmp_path):
     vocab = teacher.get_output_embeddings().weight.shape[0]
     cache = teacher_cache_build.build_cache(teacher.float(), encoded, tmp_path / "cache", vocab - 1, 1.0, 8,
                                       torch.device("cpu"))
-    settings = train.LoopSettings(max_steps=2, batch_size=8, lr=1e-2, precision="fp32", seed=0)
+    settings = TrainConfig(max_steps=2, batch_size=8, lr=1e-2, precision="fp32")
     results = []
     for kd_teacher in (teacher, teachers.CachedTeacher(cache)):
         losses = []
         train.train_loop(copy.deepcopy(student).float(), kd_teacher, examples, tokenizer.pad_token_id, settings,
-                         train.LossSettings(kd_ratio=1.0), torch.device("cpu"),
+                         LossConfig(kd_ratio=1.0), torch.device("cpu"),
                          on_step=lambda step, metrics, micro: losses.append(metrics["kd_loss"]))
         results.append(losses)
     assert results[0] == pytest.approx(results[1], rel=1e-2, abs=1e-3)

@@ -32,11 +32,8 @@ def test_trunc_outside_unit_interval(value):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["sections=custom", "sections.include=[CoT,Answer]"], "unknown section(s) ['Answer']; allowed: P, CoT, A"),
         (["sections=custom", "sections.include=[]"], "sections.include=[]: choose at least one of P, CoT, A"),
-        (["sections.name=everything"], "sections.name='everything': must be one of all, prompt_cot"),
         (["sections=cot", "sections.include=[P]"], "preset 'cot' is ['CoT']; set sections.name=custom"),
-        (["loss.name=kl"], "loss.name='kl': must be one of forward_kl, reverse_kl"),
         (["loss.kd_ratio=1.5"], "loss.kd_ratio=1.5: must be in [0, 1]"),
         (["loss.kd_ratio=-0.1"], "loss.kd_ratio=-0.1: must be in [0, 1]"),
         (["loss.temperature=0"], "loss.temperature=0.0: must be > 0"),
@@ -47,18 +44,12 @@ def test_trunc_outside_unit_interval(value):
          "train.micro_batch_size=4: must divide train.batch_size=10"),
         (["train.max_steps=null"], "train.max_steps=None and train.epochs=None: set one"),
         (["train.betas=[0.9,1.5]"], "train.betas=[0.9, 1.5]: must be two numbers in [0, 1)"),
-        (["train.schedule=linear"], "train.schedule='linear': must be one of cosine, onecycle"),
         (["train=paper", "train.warmup_ratio=1.0"], "train.warmup_ratio=1.0 with train.schedule=onecycle: must be < 1"),
-        (["loss.normalize=batch"], "loss.normalize='batch': must be one of token, sequence"),
         (["train.lr=0"], "train.lr=0.0: must be > 0"),
-        (["train.precision=fp8"], "train.precision='fp8': must be one of auto, bf16, fp32"),
-        (["truncation.mode=tail"], "truncation.mode='tail': must be one of lead, left, middle, right, random_labels"),
         (["eval.n_problems=0"], "eval.n_problems=0: must be > 0"),
         (["eval.top_p=0"], "eval.top_p=0.0: must be in (0, 1]"),
         (["eval.benchmarks=[aime99]"], "eval.benchmarks[]='aime99': must be one of synthetic"),
-        (["logger.mode=sometimes"], "logger.mode='sometimes': must be one of offline, online, disabled"),
         (["model.teacher.hidden=130"], "model.teacher.hidden=130: must be divisible by model.teacher.heads=4"),
-        (["model.student.source=hub"], "model.student.source='hub': must be one of embedded, pretrained"),
         (["data.source=json"], "data.path='': a json source needs a local file or folder"),
         (["data.source=hub", "data.name=mydata"], "data.name='mydata' with data.path='': name a dataset"),
         (["data.source=hub", "data.name=skyt1"], "eval.benchmarks contains 'synthetic'"),
@@ -66,21 +57,47 @@ def test_trunc_outside_unit_interval(value):
         (["train.teacher_cache=topk", "truncation.mode=middle"],
          "truncation.mode (with train.teacher_cache=topk)='middle': must be one of lead, left, random_labels"),
         (["train.teacher_cache=topk", "train.loss_impl=full"], "train.teacher_cache=topk needs train.loss_impl=chunked"),
-        (["train.teacher_cache=disk"], "train.teacher_cache='disk': must be one of none, topk"),
-        (["train.checkpoint_selection=best"], "train.checkpoint_selection='best': must be one of final, best_val"),
         (["train.val_every=-1"], "train.val_every=-1: must be >= 0"),
-        (["eval.engine=sglang"], "eval.engine='sglang': must be one of transformers, vllm, auto"),
     ],
 )
 def test_each_bad_value_is_named(overrides, expected):
     assert expected in problems(overrides)
 
 
+@pytest.mark.parametrize("overrides, key, expected", [
+        (['sections=custom', 'sections.include=[CoT,Answer]'], "sections.include", "'Answer', expected one of [P, CoT, A]"),
+        (['sections.name=everything'], "sections.name", "'everything', expected one of [all, prompt_cot, cot, cot_ans, ans, prompt_ans, custom]"),
+        (['loss.name=kl'], "loss.name", "'kl', expected one of [forward_kl, reverse_kl, combined_kl, jsd, tvd, skew_kl, skew_reverse_kl]"),
+        (['train.schedule=linear'], "train.schedule", "'linear', expected one of [cosine, onecycle]"),
+        (['loss.normalize=batch'], "loss.normalize", "'batch', expected one of [token, sequence]"),
+        (['train.precision=fp8'], "train.precision", "'fp8', expected one of [auto, bf16, fp32]"),
+        (['truncation.mode=tail'], "truncation.mode", "'tail', expected one of [lead, left, middle, right, random_labels]"),
+        (['logger.mode=sometimes'], "logger.mode", "'sometimes', expected one of [offline, online, disabled]"),
+        (['model.student.source=hub'], "model.student.source", "'hub', expected one of [embedded, pretrained]"),
+        (['train.teacher_cache=disk'], "train.teacher_cache", "'disk', expected one of [none, topk]"),
+        (['train.checkpoint_selection=best'], "train.checkpoint_selection", "'best', expected one of [final, best_val]"),
+        (['eval.engine=sglang'], "eval.engine", "'sglang', expected one of [transformers, vllm, auto]"),
+        (["eval.baselines=[student,reference]"], "eval.baselines", "'reference', expected one of [student, teacher]"),
+        (["distill.mode=gkd"], "distill.mode", "'gkd', expected one of [offline, sequence, on_policy]"),
+        (["data.rows=all"], "data.rows", "'all', expected one of [length, paper]"),
+]
+)
+def test_a_bad_choice_is_refused_at_composition_with_its_key_and_the_allowed_values(overrides, key, expected):
+    """Closed choices are Enums in the schema (kd_sweeps/choices.py): OmegaConf refuses another value when
+    Hydra composes the config, so a bad grid point stops the launch before any point runs."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(overrides)
+    message = f"{info.value}\n{info.value.__cause__}"
+    assert f"Invalid value {expected}" in message and f"full_key: {key}" in message, message
+
+
 def test_all_problems_are_reported_at_once():
-    message = problems(["trunc=2", "loss.name=kl", "train.batch_size=0", "sections.include=[]",
+    message = problems(["trunc=2", "loss.kd_ratio=2", "train.batch_size=0", "sections.include=[]",
                         "sections.name=custom"])
     assert message.startswith("4 problem(s) in the config")
-    for key in ("trunc=2.0", "loss.name='kl'", "train.batch_size=0", "sections.include=[]"):
+    for key in ("trunc=2.0", "loss.kd_ratio=2", "train.batch_size=0", "sections.include=[]"):
         assert key in message
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kd_sweeps import data, models, train
+from kd_sweeps.schema import LossConfig
 from tests.conftest import compose_config
 from tests.tiny_hub import build_tiny_hub_model
 
@@ -70,7 +71,7 @@ def test_full_and_chunked_losses_drop_the_padding_columns_alike(hub, kd_ratio, n
     labels = ids.clone()
     labels[0, :4] = data.IGNORE_INDEX
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    loss = train.LossSettings(name=name, kd_ratio=kd_ratio, temperature=2.0)
+    loss = LossConfig(name=name, kd_ratio=kd_ratio, temperature=2.0)
     n = int((labels[:, 1:] != data.IGNORE_INDEX).sum())
     values = {}
     for impl in ("full", "chunked"):
