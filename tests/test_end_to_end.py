@@ -73,11 +73,16 @@ def test_a_failing_point_is_recorded_and_its_sibling_still_runs(tmp_path, cache_
 
 
 def test_bad_config_fails_before_any_work(tmp_path, cache_dir):
-    proc = launch(["trunc=1.5", "loss.name=kl", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
+    proc = launch(["trunc=1.5", "loss.kd_ratio=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
                   tmp_path / "untouched-cache", check=False)
     assert proc.returncode != 0
-    assert "trunc=1.5: must be in (0, 1]" in proc.stderr and "loss.name='kl'" in proc.stderr
-    assert not (tmp_path / "untouched-cache").exists()
+    assert "trunc=1.5: must be in (0, 1]" in proc.stderr and "loss.kd_ratio=2.0: must be in [0, 1]" in proc.stderr
+    # A value outside a closed choice is refused when Hydra composes the config, one point or a sweep.
+    proc = launch(["-m", "trunc=0.5,1.0", "loss.name=forwrd_kl", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                  tmp_path, tmp_path / "untouched-cache", check=False)
+    assert proc.returncode != 0 and "Invalid value 'forwrd_kl', expected one of [forward_kl," in proc.stderr
+    assert "did you mean `loss.name=forward_kl`" in proc.stderr
+    assert not (tmp_path / "untouched-cache").exists() and not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.slow  # two launch.py subprocesses (about 4 s)
