@@ -178,14 +178,14 @@ def _announce(model, spec: dict, role: str, examples, pad_id: int, device, cache
 def _seconds_per_step(model, examples, pad_id: int, autocast: bool, device) -> float:
     """Seconds of one forward + backward over ``examples`` (the faster of two runs: the first pays
     one-time costs). The gradients are dropped: nothing of the measurement reaches training."""
-    from kd_sweeps import data, train
+    from kd_sweeps import batch_loss, data
 
     batch = {k: v.to(device) for k, v in data.collate(examples, pad_id).items()}
     n_supervised = sum(e.n_supervised for e in examples)
     times = []
     for _ in range(2):
         started = time.perf_counter()
-        scaled, _, _ = train.step_losses(model, None, batch, n_supervised, LossConfig(kd_ratio=0.0), autocast)
+        scaled, _, _ = batch_loss.step_losses(model, None, batch, n_supervised, LossConfig(kd_ratio=0.0), autocast)
         scaled.backward()
         times.append(time.perf_counter() - started)
     model.zero_grad(set_to_none=True)

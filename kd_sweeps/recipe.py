@@ -3,8 +3,9 @@ its cache, where the sequences come from, cost meter, resume state) → ``train`
 ``finish`` (gather and save the student, the point's cost, its evaluation and references).
 
 The recipe object holds the point's state, so what a resume must carry is one ``state_dict`` /
-``load_state_dict`` pair (the cost counters, the train time, the checkpoint selector, the rollout
-counters) and each optimizer step's bookkeeping is one method (``on_step``). ``run.main`` keeps the
+``load_state_dict`` pair (the cost counters, the train time, the checkpoint selector; the weights,
+optimizer and rollout counters are the steps' own) and each optimizer step's bookkeeping is one
+method (``on_step``), called from ``train``'s own loop over ``train.TrainSteps``: nothing calls back. ``run.main`` keeps the
 point's lifecycle around it: skip, resume, evaluation job, record.
 """
 
@@ -81,8 +82,7 @@ class PointRecipe:
         # With the evaluation in this job, the trained state is kept until it ends: an evaluation preempted
         # or out of time resumes (eval/<benchmark>.jsonl) without training again.
         self.resume = train.Resume(distributed.train_state(self.output_dir / "train_state", self.env),
-                                   cfg.train.checkpoint_every, self.state_dict, self.load_state_dict,
-                                   at_end=not cfg.eval.separate_job)
+                                   cfg.train.checkpoint_every, at_end=not cfg.eval.separate_job)
 
     def _setup_models(self) -> None:
         """Teacher and student loaded (the student in fp32: its master weights), the sequences' source
@@ -110,14 +110,38 @@ class PointRecipe:
 
     # ----------------------------------------------------------------------------------- train
 
-    def on_step(self, step: int, metrics: dict, micro_batches: list[dict]) -> None:
+    def train(self) -> None:
+        """The optimizer steps (``train.TrainSteps``) with the point's books kept between them: cost,
+        checkpoint selection, logging, and this object's counters saved with the training state."""
+        cfg, env = self.cfg, self.env
+        with PeakMemory(self.device) as memory:
+            self.started = time.perf_counter()
+            # The steps read the schema's own dataclasses (train.max_steps settled).
+            with train.TrainSteps(self.student_model, self.teacher_model, self.examples, self.tokenizer.pad_token_id,
+                                  OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.loss), self.device,
+                                  desc=f"trunc={cfg.trunc} {cfg.sections.name}", resume=self.resume, dist=env,
+                                  rollout=self.rollout, seed=cfg.seed) as steps:
+                if steps.restored is not None:
+                    self.load_state_dict(steps.restored)
+                for step in steps:
+                    self.on_step(step)
+                    if steps.save_due(step):  # a preemption signal, train.checkpoint_every, the end
+                        steps.save(step, self.state_dict())
+            self.train_time = self.train_time_s + time.perf_counter() - self.started
+        # Each rank metered its own micro-batches: the run's cost is their sum; memory, the busiest rank's.
+        totals = distributed.all_reduce_sum([getattr(self.meter, k) for k in METER_FIELDS], env)
+        for key, total in zip(METER_FIELDS, totals):
+            setattr(self.meter, key, total)
+        self.peak_memory = max(distributed.all_gather(memory.peak_bytes, env))
+
+    def on_step(self, step: train.Step) -> None:
         """After every optimizer step: cost, checkpoint selection (a collective), logging."""
-        self.last_losses = {k: metrics.get(k) for k in ("loss", "ce_loss", "kd_loss")}
-        for micro in micro_batches:
+        self.last_losses = {k: step.metrics.get(k) for k in ("loss", "ce_loss", "kd_loss")}
+        for micro in step.micro_batches:
             self.meter.add_step(micro["shape"], micro["lengths"], micro["supervised"])
-        val = self.selector.after_step(step, self.student_model) if self.selector else {}
-        if val or step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps - 1:
-            self.tracker.log_step(step, {**metrics, **val})
+        val = self.selector.after_step(step.index, self.student_model) if self.selector else {}
+        if val or step.index % self.cfg.train.log_every == 0 or step.index == self.cfg.train.max_steps - 1:
+            self.tracker.log_step(step.index, {**step.metrics, **val})
 
     def state_dict(self) -> dict:
         """What a resume carries besides weights and optimizer (every rank calls it at the same step:
@@ -125,8 +149,7 @@ class PointRecipe:
         elapsed = self.train_time_s + time.perf_counter() - self.started
         totals = distributed.all_reduce_sum([getattr(self.meter, k) for k in METER_FIELDS], self.env)
         return {"train_time_s": elapsed, "last": self.last_losses, **dict(zip(METER_FIELDS, totals)),
-                **({"selection": self.selector.state()} if self.selector else {}),
-                **({"rollout": self.rollout.state()} if self.rollout else {})}
+                **({"selection": self.selector.state()} if self.selector else {})}
 
     def load_state_dict(self, extra: dict) -> None:
         self.train_time_s = extra["train_time_s"]
@@ -135,26 +158,6 @@ class PointRecipe:
             setattr(self.meter, key, extra[key] if self.env.is_main else 0)
         if self.selector:
             self.selector.restore(extra["selection"])
-        if self.rollout:
-            self.rollout.restore(extra["rollout"])
-
-    def train(self) -> None:
-        cfg, env = self.cfg, self.env
-        with PeakMemory(self.device) as memory:
-            self.started = time.perf_counter()
-            # The loop reads the schema's dataclasses themselves (train.max_steps settled).
-            last = train.train_loop(self.student_model, self.teacher_model, self.examples,
-                                    self.tokenizer.pad_token_id, OmegaConf.to_object(cfg.train),
-                                    OmegaConf.to_object(cfg.loss), self.device, self.on_step,
-                                    desc=f"trunc={cfg.trunc} {cfg.sections.name}", resume=self.resume,
-                                    dist=env, rollout=self.rollout, seed=cfg.seed)
-            self.train_time = self.train_time_s + time.perf_counter() - self.started
-            self.last_losses = last or self.last_losses  # resumed after the last step: no step ran here
-        # Each rank metered its own micro-batches: the run's cost is their sum; memory, the busiest rank's.
-        totals = distributed.all_reduce_sum([getattr(self.meter, k) for k in METER_FIELDS], env)
-        for key, total in zip(METER_FIELDS, totals):
-            setattr(self.meter, key, total)
-        self.peak_memory = max(distributed.all_gather(memory.peak_bytes, env))
 
     # ----------------------------------------------------------------------------------- finish
 

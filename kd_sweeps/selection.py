@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from kd_sweeps import data, distributed, train
+from kd_sweeps import batch_loss, data, distributed
 from kd_sweeps.distributed import DistEnv
 from kd_sweeps.schema import LossConfig
 
@@ -60,7 +60,7 @@ def validation_loss(model, examples: Sequence[data.TrainExample], pad_id: int, m
         batch = {k: v.to(device) for k, v in data.collate(part, pad_id).items()}
         n_part = sum(e.n_supervised for e in part)
         # n_step_supervised = n_part: the returned ce is this micro-batch's mean per token.
-        _, ce, _ = train.step_losses(model, None, batch, n_part, no_kd, autocast, impl)
+        _, ce, _ = batch_loss.step_losses(model, None, batch, n_part, no_kd, autocast, impl)
         if mine:
             ce_sum, n_sum = ce_sum + ce * n_part, n_sum + n_part
     ce_sum, n_sum = distributed.all_reduce_sum([ce_sum, n_sum], env)

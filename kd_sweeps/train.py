@@ -1,17 +1,11 @@
-"""The training loop: one readable function for KD runs and for preparing embedded models (CE only).
+"""The training steps: one loop for KD runs and for preparing embedded models (CE only).
 
 Per optimizer step: take ``batch_size`` sequences (the GLOBAL batch, over all ranks), give each
 rank its share, split that into micro-batches of ``micro_batch_size`` (the gradient accumulation is
 derived: share / micro-batch), run the frozen teacher under no_grad and the student, and add up
-the loss ``(1 - r) * CE + r * KD``, normalised one of two ways (``loss.normalize``):
-
-  token     sum over the step's supervised tokens / the step's supervised-token count: every token
-            weighs the same (long sequences weigh more);
-  sequence  each sequence's own token mean, averaged over the step's sequences: every sequence
-            weighs the same, as the paper's code (batch 1 per GPU, the GPUs' gradients averaged).
-
-Either way each micro-batch's loss is its share of the step's value, so the gradient does not
-depend on how the global batch is split over ranks and micro-batches. The student's master
+the loss ``(1 - r) * CE + r * KD`` (kd_sweeps/batch_loss.py: each micro-batch's share of the step's
+value, normalised per token or per sequence), so the gradient does not depend on how the global
+batch is split over ranks and micro-batches. The student's master
 weights and AdamW's state are fp32 (``models.load_pair``); bf16 is only the compute dtype
 (autocast here; FSDP2's mixed-precision policy when sharded, ``distributed.shard_student``).
 
@@ -27,22 +21,19 @@ import math
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from kd_sweeps import distributed, precision
-from kd_sweeps.choices import Normalize, Schedule, values
+from kd_sweeps import batch_loss, distributed, precision
 from kd_sweeps.checkpoint import PreemptionGuard, TrainState
-from kd_sweeps.chunked_loss import chunked_kd_ce, supervised_positions
-from kd_sweeps.data import IGNORE_INDEX, TrainExample, collate, epoch_batches
-from kd_sweeps.distributed import DistEnv, hidden_and_head  # also works on an FSDP-sharded model
-from kd_sweeps.losses import ce_loss, kd_loss
+from kd_sweeps.choices import Schedule, values
+from kd_sweeps.data import TrainExample, collate, epoch_batches
+from kd_sweeps.distributed import DistEnv
 from kd_sweeps.schema import LossConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 SCHEDULES = values(Schedule)
-NORMALIZE = values(Normalize)
 
 
 def warmup_cosine(step: int, total: int, warmup_ratio: float) -> float:
@@ -82,178 +73,155 @@ def build_schedule(optimizer, settings: TrainConfig):
         cycle_momentum=settings.cycle_momentum)
 
 
-def step_losses(student, teacher, batch: dict, n_step_supervised: int, loss: LossConfig,
-                autocast: bool, impl: str = "chunked", n_step_sequences: int = 0) -> tuple[torch.Tensor, float, float]:
-    """Loss of one micro-batch, scaled so that summing over the step's micro-batches (and ranks)
-    gives the step's value. Returns (scaled total, ce, kd) with ce and kd this micro-batch's shares
-    of the step's means, for logging. ``n_step_sequences``: the step's sequences (sequence
-    normalisation).
-
-    ``chunked`` (default) runs the output layers on supervised positions only, a chunk at a time
-    (kd_sweeps/chunked_loss.py); ``full`` builds (B, T, V) logits for both models — the plain
-    reference the chunked path is tested against."""
-    if loss.normalize not in NORMALIZE:
-        raise ValueError(f"loss.normalize={loss.normalize!r}: must be one of {', '.join(NORMALIZE)}")
-    per_sequence = loss.normalize == "sequence"
-    if per_sequence and n_step_sequences < 1:
-        raise ValueError("loss.normalize=sequence needs the step's number of sequences (n_step_sequences)")
-    terms = (_chunked_terms if impl == "chunked" else _full_terms)(student, teacher, batch, loss, autocast,
-                                                                   per_sequence)
-    scaled, ce_share, kd_share = None, 0.0, 0.0
-    for total, ce, kd, n in terms:  # one term per sequence (sequence) or for the micro-batch (token)
-        weight = 1.0 / n_step_sequences if per_sequence else n / max(1, n_step_supervised)
-        scaled = total * weight if scaled is None else scaled + total * weight
-        ce_share, kd_share = ce_share + ce * weight, kd_share + kd * weight
-    return scaled, ce_share, kd_share
-
-
-def _sequence_rows(labels: torch.Tensor) -> list[slice]:
-    """Per sequence of a (B, T) label batch, its slice of the ``supervised_positions`` rows
-    (batch-major); sequences without a target have none."""
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()  # (B,)
-    starts = [sum(counts[:b]) for b in range(len(counts))]
-    return [slice(start, start + n) for start, n in zip(starts, counts) if n]
-
-
-def _chunked_terms(student, teacher, batch, loss: LossConfig, autocast: bool, per_sequence: bool) -> list:
-    """[(total, ce, kd, supervised rows)] of the chunked loss: one term, or one per sequence."""
-    topk = batch.get("teacher_topk")  # set when the teacher is a cached one (teachers.CachedTeacher)
-    use_teacher = teacher is not None and loss.kd_ratio > 0
-    kd_ratio = loss.kd_ratio if use_teacher else 0.0
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    rows, targets = supervised_positions(batch["labels"], IGNORE_INDEX)  # (N,), (N,)
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast):
-        hidden, weight = hidden_and_head(student, **inputs)  # (B, T, H), (V, H)
-        teacher_hidden = teacher_weight = None
-        if use_teacher and topk is None:
-            with torch.no_grad():
-                t_hidden, teacher_weight = hidden_and_head(teacher, **inputs)
-            teacher_hidden = t_hidden.flatten(0, 1)[rows]  # (N, Ht)
-        # Heads padded to different sizes (models.check_vocabularies): while the teacher takes part,
-        # both distributions are over the shared first V columns, for CE as for KD (the full path
-        # does the same); a cache was built on those columns (batch["teacher_vocab"]).
-        vocab = teacher_weight.shape[0] if teacher_weight is not None else batch.get("teacher_vocab")
-        if use_teacher and vocab is not None and vocab != weight.shape[0]:
-            vocab = min(weight.shape[0], vocab)
-            weight = weight[:vocab]  # (V, H)
-            teacher_weight = None if teacher_weight is None else teacher_weight[:vocab]  # (V, Ht)
-        student_rows = hidden.flatten(0, 1)[rows]  # (N, H)
-        terms = []
-        for part in _sequence_rows(batch["labels"]) if per_sequence else [slice(None)]:
-            total, ce, kd, n = chunked_kd_ce(
-                student_rows[part], None if teacher_hidden is None else teacher_hidden[part], weight,
-                teacher_weight, targets[part], name=loss.name, kd_ratio=kd_ratio, temperature=loss.temperature,
-                beta=loss.beta, alpha=loss.alpha, mix=loss.mix,
-                teacher_topk=(topk[0][part], topk[1][part]) if use_teacher and topk is not None else None)
-            terms.append((total, ce.item(), kd.item(), n))
-    return terms
-
-
-def _full_terms(student, teacher, batch, loss: LossConfig, autocast: bool, per_sequence: bool) -> list:
-    """[(total, ce, kd, supervised tokens)] from (B, T, V) logits: one term, or one per sequence."""
-    if batch.get("teacher_topk") is not None:
-        raise ValueError("the cached teacher needs train.loss_impl=chunked")
-    use_teacher = teacher is not None and loss.kd_ratio > 0
-    kd_ratio = loss.kd_ratio if teacher is not None else 0.0
-    device_type = batch["input_ids"].device.type
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    mask = targets != IGNORE_INDEX
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-        logits = student(**inputs).logits[:, :-1]  # (B, T-1, V)
-    teacher_logits = None
-    if use_teacher:
-        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            teacher_logits = teacher(**inputs).logits[:, :-1]
-        vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # shared columns of padded heads
-        logits, teacher_logits = logits[..., :vocab], teacher_logits[..., :vocab]  # (B, T-1, V)
-    parts = [slice(b, b + 1) for b in range(mask.shape[0]) if mask[b].any()] if per_sequence else [slice(None)]
-    terms = []
-    for part in parts:
-        ce = ce_loss(logits[part], targets[part].clamp_min(0), mask[part])
-        kd = torch.zeros((), device=logits.device)
-        if teacher_logits is not None:
-            kd = kd_loss(logits[part], teacher_logits[part], mask[part], loss.name, loss.temperature, loss.beta,
-                         loss.alpha, loss.mix)
-        terms.append(((1.0 - kd_ratio) * ce + kd_ratio * kd, ce.item(), kd.item(), int(mask[part].sum())))
-    return terms
-
-
 @dataclass
 class Resume:
-    """Exact resume: where the state lives, how often to save it, and the caller's own counters."""
+    """Exact resume: where the state lives and when it is saved besides a preemption signal."""
 
     state: TrainState
     every: int = 0  # also save every N steps (0: only when a preemption signal arrives)
-    get_extra: Callable[[], dict] = dict  # counters to save with the state (cost, time)
-    set_extra: Callable[[dict], None] = lambda extra: None
     # Also save after the last step: an evaluation interrupted in this same job then resumes from the
     # trained state (zero steps left) instead of training again.
     at_end: bool = False
 
 
-def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int,
-               settings: TrainConfig, loss: LossConfig, device: torch.device,
-               on_step: Optional[Callable[[int, dict, list], None]] = None,
-               desc: str = "train", resume: Optional[Resume] = None,
-               dist: Optional[DistEnv] = None, rollout=None, seed: int = 0) -> dict:
-    """Train ``student`` in place. ``on_step(step, metrics, micro_batches)`` is called after every
-    optimizer step with, per micro-batch, its padded shape, real lengths and supervised-token count
-    (logging and cost accounting live there). With ``resume``,
-    a saved state is restored first and a preemption signal saves one and stops at a step boundary.
-    With ``dist`` (several processes, student sharded by ``distributed.shard_student``) every rank
-    trains on its slice of each global batch; metrics are global, ``micro_batches`` this rank's own.
-    With ``rollout`` (``distill.OnPolicy``) a step it draws trains on the student's own samples of
-    the batch's prompts instead, on the divergence alone. ``seed`` fixes the batch order and torch's
-    RNG (the grid point's seed). Returns the last step's metrics."""
-    dist = dist or DistEnv()
-    distributed.micro_batch_size(settings.batch_size, settings.micro_batch_size, dist)  # fails before any step
-    autocast = precision.resolve(settings.precision, device) == "bf16"
-    _warn_low_precision_master(student)
-    torch.manual_seed(seed)
-    student.train()
-    if teacher is not None:
-        teacher.eval()
-    optimizer = build_optimizer(student, settings)
-    schedule = build_schedule(optimizer, settings)
-    first_step = 0
-    if resume is not None and resume.state.exists():
-        first_step, extra = resume.state.load(student, optimizer, schedule)
-        resume.set_extra(extra)
-    # The batch order, and random_labels' draw, are pure functions of (seed, step).
-    batches = epoch_batches([len(e.input_ids) for e in examples], settings.batch_size, seed)
-    for _ in range(first_step):
-        next(batches)
-    progress = Progress(settings.max_steps, desc, first_step, enabled=dist.is_main)
+@dataclass
+class Step:
+    """One finished optimizer step: its index, its (global) metrics, and this rank's micro-batches,
+    each {"shape": (B, T), "lengths": [...], "supervised": n} (the cost meter counts them)."""
+
+    index: int
+    metrics: dict
+    micro_batches: list
+    stop: Optional[bool] = None  # a preemption signal seen after this step (read once, when first asked)
+
+    @property
+    def done(self) -> int:
+        return self.index + 1
+
+
+class TrainSteps:
+    """The optimizer steps of one run, one per iteration, so that the caller keeps its own books
+    between them in plain code (``recipe.PointRecipe.train``)::
+
+        with TrainSteps(...) as steps:      # restores a saved state; steps.restored: its extra
+            for step in steps:
+                count(step)                 # cost, validation, logging
+                if steps.save_due(step):    # a preemption signal (any rank), every N steps, the last
+                    steps.save(step, extra) # the caller's counters ride along with the weights
+        # a signal stops the run after the step it arrived in: Preempted, once the state is saved
+
+    Each step takes ``settings.batch_size`` sequences (the global batch), gives each rank its share in
+    micro-batches, and steps AdamW and the schedule. With ``dist`` (several processes, the student
+    sharded by ``distributed.shard_student``) metrics are global, micro-batches this rank's own. With
+    ``rollout`` (``distill.OnPolicy``) a step it draws trains on the student's own samples of the
+    batch's prompts instead, on the divergence alone; its counters are saved with the state.
+    ``seed`` fixes the batch order and torch's RNG (the grid point's seed)."""
+
+    def __init__(self, student, teacher, examples: Sequence[TrainExample], pad_id: int, settings: TrainConfig,
+                 loss: LossConfig, device: torch.device, desc: str = "train", resume: Optional[Resume] = None,
+                 dist: Optional[DistEnv] = None, rollout=None, seed: int = 0):
+        self.student, self.teacher, self.examples, self.pad_id = student, teacher, examples, pad_id
+        self.settings, self.loss, self.device, self.desc = settings, loss, device, desc
+        self.resume, self.dist, self.rollout, self.seed = resume, dist or DistEnv(), rollout, seed
+        distributed.micro_batch_size(settings.batch_size, settings.micro_batch_size, self.dist)  # fails before any step
+        self.autocast = precision.resolve(settings.precision, device) == "bf16"
+        _warn_low_precision_master(student)
+        torch.manual_seed(seed)
+        student.train()
+        if teacher is not None:
+            teacher.eval()
+        self.optimizer = build_optimizer(student, settings)
+        self.schedule = build_schedule(self.optimizer, settings)
+        self.first_step, self.restored = 0, None  # restored: the caller's counters saved with the state
+        if resume is not None and resume.state.exists():
+            self.first_step, extra = resume.state.load(student, self.optimizer, self.schedule)
+            if rollout is not None:
+                rollout.restore(extra.pop("rollout"))
+            self.restored = extra
+        self.guard = PreemptionGuard()
+
+    def __enter__(self) -> "TrainSteps":
+        self.guard.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.guard.__exit__()
+        self.student.eval()
+        return False
+
+    def __iter__(self) -> Iterator[Step]:
+        settings, student = self.settings, self.student
+        # The batch order, and random_labels' draw, are pure functions of (seed, step).
+        batches = epoch_batches([len(e.input_ids) for e in self.examples], settings.batch_size, self.seed)
+        for _ in range(self.first_step):
+            next(batches)
+        progress = Progress(settings.max_steps, self.desc, self.first_step, enabled=self.dist.is_main)
+        try:
+            for index in range(self.first_step, settings.max_steps):
+                epoch, batch_ids = next(batches)  # indices into examples, named if the loss is not finite
+                chosen = [self.examples[i].for_epoch(epoch) for i in batch_ids]
+                sampled = self.rollout is not None and self.rollout.draws(index)
+                if sampled:  # the student's completions of these prompts, every rank alike
+                    chosen = [r if r.n_supervised else e for r, e in
+                              zip(self.rollout.rollouts(student, chosen, index, self.autocast), chosen)]
+                loss = replace(self.loss, kd_ratio=1.0) if sampled else self.loss
+                metrics, shapes = _optimizer_step(student, self.teacher, chosen, self.pad_id, settings, loss,
+                                                  self.optimizer, self.schedule, self.device, index, self.desc,
+                                                  self.dist, batch_ids, autocast=self.autocast)
+                metrics["on_policy"] = float(sampled)
+                step = Step(index, metrics, shapes)
+                yield step  # the caller's books, and its save when one is due
+                progress.update(step.done, metrics["loss"])
+                if self._stop(step):
+                    self.guard.stop(step.done)  # raises Preempted
+        finally:
+            progress.close()
+
+    def _stop(self, step: Step) -> bool:
+        """Whether a preemption signal stops the run after ``step``: read once (a signal arriving later
+        is seen after the next step) and agreed by every rank (one rank's signal stops them all)."""
+        if step.stop is None:
+            stop = self.guard.requested
+            if self.dist.distributed:
+                stop = distributed.agreed_signal(stop, self.dist)
+            self.guard.requested = stop  # a rank that saw no signal itself hands over another's
+            step.stop = bool(stop)
+        return step.stop
+
+    def save_due(self, step: Step) -> bool:
+        """Whether the state is saved after ``step``: a preemption signal, every ``resume.every``
+        steps, or the last step with ``resume.at_end`` (never without ``resume``). Every rank asks."""
+        if self.resume is None:
+            return False
+        periodic = self.resume.every and step.done % self.resume.every == 0
+        last = self.resume.at_end and step.done == self.settings.max_steps
+        return self._stop(step) or bool(periodic) or last
+
+    def save(self, step: Step, extra: Optional[dict] = None) -> None:
+        """Save the exact state after ``step`` (every rank: sharded weights are saved collectively),
+        with the caller's ``extra`` counters and the rollout's."""
+        extra = dict(extra or {})
+        if self.rollout is not None:
+            extra["rollout"] = self.rollout.state()
+        self.resume.state.save(step.done, self.student, self.optimizer, self.schedule, extra)
+
+
+def train_loop(student, teacher, examples: Sequence[TrainExample], pad_id: int, settings: TrainConfig,
+               loss: LossConfig, device: torch.device, on_step: Optional[Callable[[int, dict, list], None]] = None,
+               desc: str = "train", resume: Optional[Resume] = None, dist: Optional[DistEnv] = None,
+               rollout=None, seed: int = 0) -> dict:
+    """Train ``student`` in place in one call, for callers with no counters to save (the embedded
+    models' preparation, benchmarks, tests); ``on_step(step, metrics, micro_batches)`` after each
+    step. See ``TrainSteps``. Returns the last step's metrics ({} when none was left to run)."""
     metrics: dict = {}
-    with PreemptionGuard() as guard:
-        for step in range(first_step, settings.max_steps):
-            epoch, batch_ids = next(batches)  # indices into examples, named if the loss is not finite
-            chosen = [examples[i].for_epoch(epoch) for i in batch_ids]
-            sampled = rollout is not None and rollout.draws(step)
-            if sampled:  # the student's completions of these prompts, every rank alike
-                chosen = [r if r.n_supervised else e for r, e in
-                          zip(rollout.rollouts(student, chosen, step, autocast), chosen)]
-            metrics, shapes = _optimizer_step(student, teacher, chosen, pad_id, settings,
-                                              replace(loss, kd_ratio=1.0) if sampled else loss, optimizer,
-                                              schedule, device, step, desc, dist, batch_ids, autocast=autocast)
-            metrics["on_policy"] = float(sampled)
+    with TrainSteps(student, teacher, examples, pad_id, settings, loss, device, desc, resume, dist, rollout,
+                    seed) as steps:
+        for step in steps:
             if on_step is not None:
-                on_step(step, metrics, shapes)
-            done = step + 1
-            progress.update(done, metrics["loss"])
-            stop = guard.requested  # read once: a signal arriving later is seen after the next step
-            if dist.distributed:  # a signal seen by any rank stops all of them after this same step
-                stop = distributed.agreed_signal(stop, dist)
-            periodic = resume is not None and resume.every and done % resume.every == 0
-            last = resume is not None and resume.at_end and done == settings.max_steps
-            if resume is not None and (stop or periodic or last):
-                resume.state.save(done, student, optimizer, schedule, resume.get_extra())
-            if stop:
-                guard.requested = stop  # a rank that saw no signal itself hands over another's
-                guard.stop(done)
-    progress.close()
-    student.eval()
+                on_step(step.index, step.metrics, step.micro_batches)
+            if steps.save_due(step):
+                steps.save(step)
+            metrics = step.metrics
     return metrics
 
 
@@ -282,7 +250,7 @@ def accumulate_gradients(student, teacher, mine: Sequence[TrainExample], pad_id:
             batch.update(teacher.batch_inputs(part, device))
         shapes.append({"shape": tuple(batch["input_ids"].shape), "lengths": [len(e.input_ids) for e in part],
                        "supervised": sum(e.n_supervised for e in part)})
-        scaled, ce, kd = step_losses(student, teacher, batch, n_supervised, loss, autocast, impl, n_sequences)
+        scaled, ce, kd = batch_loss.step_losses(student, teacher, batch, n_supervised, loss, autocast, impl, n_sequences)
         scaled.backward()
         ce_sum, kd_sum, total_value = ce_sum + ce, kd_sum + kd, total_value + scaled.item()
     return (ce_sum, kd_sum, total_value), shapes

@@ -12,7 +12,7 @@ import signal
 import pytest
 import torch
 
-from kd_sweeps import data, distill, run, train
+from kd_sweeps import batch_loss, data, distill, run, train
 from kd_sweeps.checkpoint import Preempted, TrainState
 from kd_sweeps.cost import ModelShape
 from kd_sweeps.generate import Sampling
@@ -87,7 +87,7 @@ def test_an_on_policy_step_matches_a_hand_computed_one_in_float64(pair):
     batch = data.collate([made], tokenizer.pad_token_id)
     for impl in ("full", "chunked"):
         model = copy.deepcopy(student)
-        scaled, _, kd = train.step_losses(model, teacher, batch, made.n_supervised, loss, False, impl)
+        scaled, _, kd = batch_loss.step_losses(model, teacher, batch, made.n_supervised, loss, False, impl)
         scaled.backward()
         assert made.n_supervised == len(rows)
         assert scaled.item() == pytest.approx(hand.item(), rel=1e-5), impl
@@ -192,8 +192,6 @@ def test_an_on_policy_run_resumes_as_if_never_stopped(pair, tmp_path):
             if step == signal_at:
                 os.kill(os.getpid(), signal.SIGUSR2)
 
-        if resume is not None:
-            resume.get_extra, resume.set_extra = rollout.state, rollout.restore
         train.train_loop(model, teacher, examples, tokenizer.pad_token_id, settings,
                          LossConfig(name="jsd", beta=0.5), torch.device("cpu"), on_step, resume=resume,
                          rollout=rollout, seed=3)

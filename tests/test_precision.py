@@ -66,19 +66,19 @@ def test_embedded_cache_key_holds_the_resolved_precision(monkeypatch, native):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_the_loop_autocasts_to_bf16_only_where_auto_resolves_to_it(monkeypatch, native):
-    from kd_sweeps import train
+    from kd_sweeps import batch_loss, train
     from tests.helpers import tiny_setup
 
     tokenizer, examples, student, _ = tiny_setup(16)
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     seen = []
-    real = train.step_losses
+    real = batch_loss.step_losses
 
     def spy(*args, **kwargs):
         seen.append(args[5])  # autocast
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "step_losses", spy)
+    monkeypatch.setattr(batch_loss, "step_losses", spy)
     settings = TrainConfig(max_steps=1, batch_size=4, precision="auto")
     train.train_loop(student, None, examples, tokenizer.pad_token_id, settings, LossConfig(kd_ratio=0.0),
                      torch.device("cpu"))

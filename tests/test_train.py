@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from kd_sweeps import data, teachers, train
+from kd_sweeps import batch_loss, data, teachers, train
 from kd_sweeps.schema import LossConfig, TrainConfig
 from kd_sweeps.synthetic import make_split
 from tests.helpers import tiny_setup
@@ -53,7 +53,7 @@ def test_kd_ratio_zero_is_plain_cross_entropy(setup):
     tokenizer, examples, student, teacher = setup
     batch = data.collate(examples[:4], tokenizer.pad_token_id)
     n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
-    total, ce, kd = train.step_losses(student, teacher, batch, n, LossConfig(kd_ratio=0.0), False)
+    total, ce, kd = batch_loss.step_losses(student, teacher, batch, n, LossConfig(kd_ratio=0.0), False)
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                   batch["labels"][:, 1:].reshape(-1), ignore_index=-100)

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from kd_sweeps import data, models, train
+from kd_sweeps import batch_loss, data, models, train
 from kd_sweeps.schema import LossConfig
 from tests.conftest import compose_config
 from tests.tiny_hub import build_tiny_hub_model
@@ -76,14 +76,14 @@ def test_full_and_chunked_losses_drop_the_padding_columns_alike(hub, kd_ratio, n
     values = {}
     for impl in ("full", "chunked"):
         model = copy.deepcopy(student.model).double()
-        total, ce, kd = train.step_losses(model, teacher.model.double(), batch, n, loss, False, impl)
+        total, ce, kd = batch_loss.step_losses(model, teacher.model.double(), batch, n, loss, False, impl)
         total.backward()
         values[impl] = (total.item(), ce, kd, model.get_output_embeddings().weight.grad.clone())
     # The reference: both models cut to the shared rows (ids stay valid: they are real tokens).
     shared = len(tokenizer) + 5
     cut_student, cut_teacher = copy.deepcopy(student.model).double(), copy.deepcopy(teacher.model).double()
     cut_teacher.resize_token_embeddings(shared)
-    total, ce, kd = train.step_losses(cut_student, cut_teacher, batch, n, loss, False, "full")
+    total, ce, kd = batch_loss.step_losses(cut_student, cut_teacher, batch, n, loss, False, "full")
     total.backward()
     for impl in ("full", "chunked"):
         got_total, got_ce, got_kd, grad = values[impl]
