@@ -64,7 +64,7 @@ def for_steps(cfg: DictConfig, teacher, student, encoded, fingerprint: str, cach
 
 
 def cache_folder(cfg: DictConfig, teacher_path: str, teacher_rows: int, vocab: int, fingerprint: str,
-                          cache_dir: Path) -> tuple[Path, dict]:
+                 cache_dir: Path) -> tuple[Path, dict]:
     """Where the teacher's top-k cache for this (teacher, data, formatting, k, temperature,
     precision, compared columns) lives, and its key."""
     key = dict(teacher_id=str(teacher_path), dataset_fingerprint=fingerprint,
@@ -86,13 +86,13 @@ def _ready_stand_in(cfg: DictConfig, tokenizer, fingerprint: str, cache_dir: Pat
     student_rows = models.planned_rows(cfg, "student", tokenizer)
     if stand_in is None or student_rows is None:
         return None
-    folder, _ = cache_folder(cfg, stand_in.path, stand_in.rows, min(stand_in.rows, student_rows),
-                                      fingerprint, cache_dir)
+    folder, _ = cache_folder(cfg, stand_in.path, stand_in.rows, min(stand_in.rows, student_rows), fingerprint,
+                             cache_dir)
     return stand_in if (folder / "meta.json").exists() else None
 
 
 def _cached(cfg: DictConfig, teacher, encoded, fingerprint: str, cache_dir: Path, device, vocab: int,
-                    env: distributed.DistEnv, output_dir: Path) -> tuple:
+            env: distributed.DistEnv, output_dir: Path) -> tuple:
     """The teacher's top-k cache, built once per sweep under a file lock and shared by every grid
     point; and what its build cost. ``vocab``: the columns KD compares (fewer than the teacher's
     rows when the student's head is padded less). In a multi-process point rank 0 builds it (its
