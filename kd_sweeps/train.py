@@ -5,9 +5,9 @@ rank its share, split that into micro-batches of ``micro_batch_size`` (the gradi
 derived: share / micro-batch), run the frozen teacher under no_grad and the student, and add up
 the loss ``(1 - r) * CE + r * KD`` (kd_sweeps/batch_loss.py: each micro-batch's share of the step's
 value, normalised per token or per sequence), so the gradient does not depend on how the global
-batch is split over ranks and micro-batches. The student's master
-weights and AdamW's state are fp32 (``models.load_pair``); bf16 is only the compute dtype
-(autocast here; FSDP2's mixed-precision policy when sharded, ``distributed.shard_student``).
+batch is split over ranks and micro-batches. The student's master weights and AdamW's state are
+fp32 (``models.load_pair``); bf16 is only the compute dtype (autocast here; FSDP2's mixed-precision
+policy when sharded, ``distributed.shard_student``).
 
 The loop reads the schema's own dataclasses: ``settings`` is a ``schema.TrainConfig`` (with
 ``max_steps`` set) and ``loss`` a ``schema.LossConfig``; a grid point passes its config's
