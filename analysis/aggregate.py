@@ -86,9 +86,10 @@ def reference_accuracies(runs: pd.DataFrame) -> list[dict]:
 
 def point_interval(runs: pd.DataFrame, column: str, level: float = 0.95, seed: int = 0) -> dict:
     """stats.interval of one grid point's runs of ``column``: an accuracy (``accuracy``,
-    ``acc_<bench>``) with its stderr and per-problem columns, any other with ``<column>_stderr``.
-    Tables and figures both call this, so an error bar is the interval in the table."""
-    if column == "accuracy" or column.startswith("acc_"):
+    ``acc_<bench>``) with its stderr and per-problem columns, bounded to [0, 1]; any other with
+    ``<column>_stderr``. Tables and figures both call this, so an error bar is the interval in the table."""
+    accuracy = column == "accuracy" or column.startswith("acc_")
+    if accuracy:
         _, err_col, problems_col = metric_columns(column[len("acc_"):] if column != "accuracy"
                                                   else ALL_BENCHMARKS)
     else:
@@ -96,7 +97,7 @@ def point_interval(runs: pd.DataFrame, column: str, level: float = 0.95, seed: i
     problems = runs[problems_col].iloc[0] if problems_col in runs and len(runs) == 1 else None
     problems = problems if isinstance(problems, list) else None  # missing: NaN or None
     return interval(numeric_column(runs, column), numeric_column(runs, err_col), problems,
-                    level=level, seed=seed)
+                    level=level, seed=seed, bounds=(0.0, 1.0) if accuracy else None)
 
 
 def _point_rows(runs: pd.DataFrame, benches: list[str], level: float, seed: int) -> list[dict]:

@@ -121,13 +121,16 @@ def normal_ci(mean: float, stderr: float, level: float = 0.95) -> tuple[float, f
 
 
 def interval(values: Iterable, stderrs: Iterable = (), per_problem: Sequence | None = None,
-             level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict:
+             level: float = 0.95, n_boot: int = 2000, seed: int = 0,
+             bounds: tuple[float, float] | None = None) -> dict:
     """Mean of one grid point's runs and a confidence interval, saying how it was made.
 
     With two or more runs (seeds) the interval is a seeded percentile bootstrap
     over the runs. With one run it is a bootstrap over that run's per-problem
     scores when they were recorded, else the normal interval from the stderr
-    its evaluation reported; with neither it is NaN.
+    its evaluation reported; with neither it is NaN. ``bounds``: the values the
+    metric can take (an accuracy: (0, 1)); the normal interval, which knows
+    nothing of them, is clipped to them (a bootstrap stays inside by itself).
     """
     runs = _finite(values)
     out = {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "runs": int(runs.size),
@@ -145,6 +148,8 @@ def interval(values: Iterable, stderrs: Iterable = (), per_problem: Sequence | N
         method = f"bootstrap over {problems.size} problems"
     elif errs.size == 1:
         low, high = normal_ci(out["mean"], float(errs[0]), level)
+        if bounds is not None:  # 2 % ± 1.3 % is [0 %, 4.5 %], not [-0.5 %, 4.5 %]
+            low, high = max(low, bounds[0]), min(high, bounds[1])
         method = "normal, from eval stderr"
     else:
         return out

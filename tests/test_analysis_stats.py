@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis import stats
-from analysis.aggregate import PRESET_ORDER, grid_points
+from analysis.aggregate import PRESET_ORDER, grid_points, point_interval
 from analysis.load import runs_frame
 from analysis.tables import paper_table, to_markdown, write_csv
 from tests.analysis_records import record
@@ -157,3 +157,18 @@ def test_per_problem_scores_give_a_bootstrap_over_problems():
     assert (points.at[1.0, "ci_low"], points.at[1.0, "ci_high"]) == stats.bootstrap_ci(
         [1, 0, 1, 1], seed=0)
     assert points.at[0.5, "interval"] == "normal, from eval stderr"  # recorded none
+
+
+def test_the_normal_interval_of_an_accuracy_stays_inside_0_and_1():
+    """An accuracy of 2 % with stderr 1.3 % (a few right answers of 132): the normal interval's low
+    end would be below 0; clipped, the table and the error bar start at 0 %. Other metrics are not
+    bounded."""
+    low, high = stats.normal_ci(0.02, 0.013)
+    assert low < 0
+    clipped = stats.interval([0.02], [0.013], bounds=(0.0, 1.0))
+    assert clipped["ci_low"] == 0.0 and clipped["ci_high"] == pytest.approx(high)
+    near_one = stats.interval([0.99], [0.013], bounds=(0.0, 1.0))
+    assert near_one["ci_high"] == 1.0 and near_one["ci_low"] == pytest.approx(0.99 - Z95 * 0.013)
+    assert stats.interval([0.02], [0.013])["ci_low"] == pytest.approx(low)  # unbounded: as computed
+    runs = pd.DataFrame({"accuracy": [0.02], "accuracy_stderr": [0.013]})
+    assert point_interval(runs, "accuracy")["ci_low"] == 0.0
