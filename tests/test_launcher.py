@@ -13,7 +13,6 @@ by ``<python>``. ``KD_UPDATE_GOLDEN=1 pytest tests/test_launcher.py`` rewrites t
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import shlex
 import signal
@@ -25,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONF, ROOT
-from tests.helpers import slurm_skip_reason
 
 GOLDEN = ROOT / "tests" / "golden" / "sbatch"
 PRESETS = sorted(p.stem for p in (CONF / "launcher").glob("*.yaml"))
@@ -169,27 +167,3 @@ def test_sbatch_has_every_scheduling_line(preset, submitted):
 
 def test_every_slurm_preset_has_a_golden_file_and_no_other():
     assert sorted(p.stem for p in GOLDEN.glob("*.sh")) == SLURM_PRESETS
-
-
-# --------------------------------------------------------------------------- a real Slurm
-
-
-@pytest.mark.slurm
-@pytest.mark.timeout(600)
-def test_tiny_preset_runs_on_a_real_slurm(tmp_path):
-    """The CPU preset's sbatch file is accepted by a real Slurm and both points finish there."""
-    reason = slurm_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    from tests.helpers import FAST
-
-    sweep = tmp_path / "sweep"
-    env = {**os.environ, "KD_SWEEPS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
-    command = [sys.executable, str(ROOT / "launch.py"), "-m", "trunc=0.5,1.0", "launcher=slurm_cpu_tiny",
-               "hydra.launcher.partition=debug", f"hydra.sweep.dir={sweep}", *FAST]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = [json.loads(path.read_text()) for path in sorted(sweep.glob("*/result.json"))]
-    assert [r["status"] for r in results] == ["ok", "ok"], [r.get("error") for r in results]
-    submission = next((sweep / ".submitit").glob("*/*_submission.sh")).read_text()
-    assert "#SBATCH --time=30" in submission and "#SBATCH --cpus-per-task=2" in submission

@@ -123,6 +123,8 @@ def _accounting(job: str) -> dict:
 
 @pytest.mark.timeout(600)
 def test_evaluation_runs_as_a_dependent_slurm_job_after_training(tmp_path):
+    """Two points on the CPU preset (launcher=slurm_cpu_tiny), a job array whose sbatch file a real
+    Slurm accepts; each point's evaluation is a job of its own that starts once its training ended."""
     sweep = tmp_path / "sweep"
     done = subprocess.run(_command("trunc=0.5,1.0", f"hydra.sweep.dir={sweep}", "eval.separate_job=true",
                                    "eval.job.cpus_per_task=1", "eval.job.mem_gb=2", *FAST, *SLURM),
@@ -131,6 +133,9 @@ def test_evaluation_runs_as_a_dependent_slurm_job_after_training(tmp_path):
     assert "waiting for 2 evaluation job(s)" in done.stdout and "2 ran, 0 skipped" in done.stdout
     results = point_results(sweep)
     assert [r["status"] for r in results] == ["ok", "ok"], [r["error"] for r in results]
+    submission = next((sweep / ".submitit").glob("*/*_submission.sh")).read_text()  # the training array's
+    assert "#SBATCH --time=30" in submission and "#SBATCH --cpus-per-task=2" in submission
+    assert "#SBATCH --array=0-1" in submission
     for result in results:
         info = result["summary"]["eval_job"]
         assert info["cluster"] == "slurm" and "accuracy" in result["summary"]
