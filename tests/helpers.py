@@ -50,7 +50,10 @@ FAST = [
     "data.n_train=64", "data.n_test=8", "train.max_steps=3", "train.batch_size=8",
     "eval.n_problems=8", "eval.max_new_tokens=48", "train.num_threads=1",
     "eval.baselines=[]",  # the references cost two evaluations: tested where asked for (test_baselines.py)
+    "logger=disabled",  # W&B files cost ~1 s a run: the tests that read them use FAST_WANDB
 ]
+# The same point with its W&B run written (logger=offline, the default): for tests that read W&B files.
+FAST_WANDB = [arg for arg in FAST if not arg.startswith("logger=")]
 
 
 def launch(args, cwd: Path, cache_dir: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -14,13 +14,13 @@ import pytest
 
 from analysis.wandb_offline import read_runs
 from kd_sweeps.wandb_naming import point_of_wandb_id
-from tests.helpers import FAST, launch, point_results
+from tests.helpers import FAST, FAST_WANDB, launch, point_results
 
 
 @pytest.mark.slow  # a sweep launched as a user does: trains and evaluates in subprocesses
 def test_sweep_trains_evaluates_records_and_summarizes(tmp_path, cache_dir):
     sweep_dir = tmp_path / "sweep"
-    proc = launch(["-m", "trunc=0.5,1.0", "sweep=e2e", f"hydra.sweep.dir={sweep_dir}", *FAST],
+    proc = launch(["-m", "trunc=0.5,1.0", "sweep=e2e", f"hydra.sweep.dir={sweep_dir}", *FAST_WANDB],
                   tmp_path, cache_dir)
     results = point_results(sweep_dir)
     assert [r["status"] for r in results] == ["ok", "ok"]
@@ -49,7 +49,7 @@ def test_sweep_trains_evaluates_records_and_summarizes(tmp_path, cache_dir):
     assert len(list(cache_dir.glob("base-*/prep.json"))) == 1
     assert "2 grid point(s): 2 ran, 0 skipped" in proc.stdout
     # The same sweep again: every point is done, so nothing is trained; force=true reruns them.
-    again = launch(["-m", "trunc=0.5,1.0", "sweep=e2e", f"hydra.sweep.dir={sweep_dir}", *FAST],
+    again = launch(["-m", "trunc=0.5,1.0", "sweep=e2e", f"hydra.sweep.dir={sweep_dir}", *FAST_WANDB],
                    tmp_path, cache_dir)
     assert "2 grid point(s): 0 ran, 2 skipped" in again.stdout and "| trunc |" in again.stdout
     assert point_results(sweep_dir) == [{**r, "last_action": "skipped", "launched_at": n["launched_at"]}
@@ -62,7 +62,7 @@ def test_a_failing_point_is_recorded_and_its_sibling_still_runs(tmp_path, cache_
     # With only the answer supervised and a quarter of each sequence kept, no example has a
     # supervised token: that point fails with a clear error; trunc=1.0 runs normally.
     proc = launch(["-m", "trunc=0.25,1.0", "sections=ans", "sweep=e2e-fail", f"hydra.sweep.dir={sweep_dir}",
-                   "logger=disabled", *FAST], tmp_path, cache_dir, check=False)
+                   *FAST], tmp_path, cache_dir, check=False)
     assert proc.returncode != 0
     failed, ok = point_results(sweep_dir)
     assert failed["config"]["trunc"] == 0.25 and failed["status"] == "failed"
@@ -103,7 +103,7 @@ def test_best_val_point_records_validation_and_saves_the_best_checkpoint(tmp_pat
 
     run_dir = tmp_path / "point"
     launch(["train.checkpoint_selection=best_val", "train.val_every=1", "data.n_val=6", f"hydra.run.dir={run_dir}",
-            *FAST], tmp_path, cache_dir)
+            *FAST_WANDB], tmp_path, cache_dir)
     result = json.loads((run_dir / "result.json").read_text())
     summary = result["summary"]
     assert result["status"] == "ok"

@@ -16,7 +16,7 @@ from analysis.wandb_offline import read_runs
 from kd_sweeps import eval_job
 from kd_sweeps.tracking import write_json_atomic
 from kd_sweeps.validation import ConfigError, validate
-from tests.helpers import FAST, launch, point_results
+from tests.helpers import FAST_WANDB, launch, point_results
 
 EVAL_KEYS = ("accuracy", "accuracy_stderr", "eval/synthetic/accuracy", "eval/synthetic/n",
              "eval/synthetic/generated_tokens", "eval/synthetic/per_problem", "eval/synthetic/finished_rate",
@@ -27,8 +27,8 @@ EVAL_KEYS = ("accuracy", "accuracy_stderr", "eval/synthetic/accuracy", "eval/syn
 def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cache_dir):
     together, apart = tmp_path / "together", tmp_path / "apart"
     refs = "eval.baselines=[student,teacher]"  # measured in the training job, then read by the evaluation job
-    launch(["-m", "trunc=1.0", f"hydra.sweep.dir={together}", *FAST, refs], tmp_path, cache_dir)
-    out = launch(["-m", "trunc=1.0", f"hydra.sweep.dir={apart}", "eval.separate_job=true", *FAST, refs],
+    launch(["-m", "trunc=1.0", f"hydra.sweep.dir={together}", *FAST_WANDB, refs], tmp_path, cache_dir)
+    out = launch(["-m", "trunc=1.0", f"hydra.sweep.dir={apart}", "eval.separate_job=true", *FAST_WANDB, refs],
                  tmp_path, cache_dir)
     assert "1 grid point(s): 1 ran, 0 skipped (already done), 0 failed" in out.stdout
     (one,), (other,) = point_results(together), point_results(apart)
@@ -41,7 +41,7 @@ def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cach
     summary = other["summary"]
     assert summary["base/synthetic/accuracy"] == summary["base_accuracy"]
     assert 0 <= summary["finished_rate"] <= 1 and summary["finished_rate"] == summary["eval/synthetic/finished_rate"]
-    assert summary["eval/synthetic/gen_tokens_max"] <= 48  # FAST: eval.max_new_tokens=48
+    assert summary["eval/synthetic/gen_tokens_max"] <= 48  # FAST_WANDB: eval.max_new_tokens=48
     assert summary["eval/synthetic/generated_tokens"] == summary["eval/synthetic/gen_tokens_mean"] * 8
     results = [json.loads(line) for line in (apart / other["run_id"] / "eval" / "synthetic.jsonl").read_text().splitlines()]
     assert sorted(r["problem"] for r in results) == list(range(8))  # one line per completion, as they ended
@@ -60,7 +60,7 @@ def test_separate_evaluation_job_gives_the_same_point_and_numbers(tmp_path, cach
     failed = {**other, "status": "failed", "error": "evaluation job 1 ended (TIMEOUT) without recording a result",
               "summary": {k: v for k, v in other["summary"].items() if k not in EVAL_KEYS}}
     write_json_atomic(record_file, failed)
-    again = launch(["-m", "trunc=1.0", f"hydra.sweep.dir={apart}", "eval.separate_job=true", *FAST],
+    again = launch(["-m", "trunc=1.0", f"hydra.sweep.dir={apart}", "eval.separate_job=true", *FAST_WANDB],
                    tmp_path, cache_dir)
     assert "1 grid point(s): 1 ran, 0 skipped (already done), 0 failed" in again.stdout
     redone = json.loads(record_file.read_text())

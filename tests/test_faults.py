@@ -142,7 +142,7 @@ def test_nan_point_is_failed_and_its_summary_and_plot_hold_no_nan(tmp_path, cach
 
     sweep_dir = tmp_path / "sweep"
     proc = launch(["-m", "train.lr=1e-3,1e30", "sweep=nan", f"hydra.sweep.dir={sweep_dir}",
-                   "logger=disabled", *FAST], tmp_path, cache_dir, check=False)
+                   *FAST], tmp_path, cache_dir, check=False)
     assert proc.returncode != 0
     results = {r["config"]["train"]["lr"]: r for r in point_results(sweep_dir)}
     assert results[1e-3]["status"] == "ok"
@@ -209,7 +209,7 @@ def test_a_point_hanging_past_its_time_limit_is_failed_and_the_sweep_goes_on(tmp
         started = time.monotonic()
         proc = launch(["-m", "model.teacher.prep_steps=8,9", "sweep=hang", f"hydra.sweep.dir={sweep_dir}",
                        "launcher=local", "hydra.launcher.timeout_min=1", "+hydra.launcher.max_num_timeout=0",
-                       "logger=disabled", *fast], tmp_path, cache_dir, check=False)
+                       *fast], tmp_path, cache_dir, check=False)
         took = time.monotonic() - started
     assert proc.returncode != 0
     results = {r["config"]["model"]["teacher"]["prep_steps"]: r for r in point_results(sweep_dir)}

@@ -16,7 +16,7 @@ import torch
 
 from kd_sweeps.redact import REDACTED, env_secrets, looks_secret, redact, redact_text
 from tests.conftest import ROOT
-from tests.helpers import FAST, launch
+from tests.helpers import FAST_WANDB, launch
 
 # Made-up tokens of the shapes the scrubber knows (none is a real credential).
 HF = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
@@ -86,7 +86,7 @@ def test_no_secret_in_any_file_a_sweep_writes(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("GITHUB_TOKEN", GITHUB)
     sweep_dir = tmp_path / "sweep"
     proc = launch(["-m", "trunc=1.0", "sweep=secrets", f"hydra.sweep.dir={sweep_dir}", "train.max_steps=2",
-                   f"+extra.note=ran with {NOTE}", f"+extra.api_key={WANDB}", *FAST], tmp_path, cache_dir)
+                   f"+extra.note=ran with {NOTE}", f"+extra.api_key={WANDB}", *FAST_WANDB], tmp_path, cache_dir)
     (result_path,) = sweep_dir.glob("*/result.json")
     result = json.loads(result_path.read_text())
     assert result["status"] == "ok"

@@ -15,12 +15,12 @@ import pytest
 from analysis.wandb_offline import find_runs, is_summary, read_run, read_runs
 from kd_sweeps.wandb_naming import point_of_wandb_id
 from tests.conftest import ROOT
-from tests.helpers import FAST, point_results, slurm_skip_reason
+from tests.helpers import FAST, FAST_WANDB, point_results, slurm_skip_reason
 
 pytestmark = pytest.mark.slurm
 SLURM = ["launcher=slurm_cpu_tiny", "hydra.launcher.partition=debug"]
 # Long enough to be interrupted in the middle (a step takes ~0.05 s here), logged at every step.
-LONG = [arg for arg in FAST if not arg.startswith("train.max_steps=")] + [
+LONG = [arg for arg in FAST_WANDB if not arg.startswith("train.max_steps=")] + [
     "train.max_steps=120", "train.log_every=1", "train.checkpoint_every=5"]
 
 
