@@ -5,8 +5,8 @@ its cache, where the sequences come from, cost meter, resume state) → ``train`
 The recipe object holds the point's state, so what a resume must carry is one ``state_dict`` /
 ``load_state_dict`` pair (the cost counters, the train time, the checkpoint selector; the weights,
 optimizer and rollout counters are the steps' own) and each optimizer step's bookkeeping is one
-method (``on_step``), called from ``train``'s own loop over ``train.TrainSteps``: nothing calls back. ``run.main`` keeps the
-point's lifecycle around it: skip, resume, evaluation job, record.
+method (``on_step``), called from ``train``'s own loop over ``train.TrainSteps``: nothing calls
+back. ``run.main`` keeps the point's lifecycle around it: skip, resume, evaluation job, record.
 """
 
 from __future__ import annotations
