@@ -33,13 +33,28 @@ PREFIX = {"student": "base", "teacher": "teacher"}  # summary keys: base_accurac
 def baseline_folder(cfg: DictConfig, role: str, model_path: str) -> Path:
     """Where the reference of ``role`` (the model at ``model_path``) under this evaluation is cached."""
     evaluation = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in NON_IDENTITY_EVAL_KEYS}
-    fields = {"role": role, "model": str(model_path), "eval": evaluation,
+    fields = {"role": role, "model": model_version(model_path), "eval": evaluation,
               # sampled completions depend on the seed; greedy ones do not
               "seed": cfg.seed if cfg.eval.temperature > 0 else None,
               # the embedded benchmark is the data's held-out split
               "data": OmegaConf.to_container(cfg.data, resolve=True) if "synthetic" in cfg.eval.benchmarks else None}
     key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(cfg.cache_dir).expanduser() / "baselines" / f"{role}-{key}"
+
+
+def model_version(model_path: str) -> str:
+    """What names one version of a model's weights: for a hub id its snapshot folder in the local
+    Hugging Face cache (``…/snapshots/<revision>``: a new revision of the same id is another
+    reference); for a local folder its path with the size and modification time of each weight
+    file (the folder saved again is another reference); else the id as given."""
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        try:
+            return str(local_folder(model_path))
+        except FileNotFoundError:  # not cached: the measurement names it; the id keys nothing real
+            return str(model_path)
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return json.dumps([str(model_path), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]])
 
 
 def local_folder(model_path: str) -> Path:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, *extra):
-    cfg = compose_config([*FAST, "logger=disabled", "train.max_steps=1", f"cache_dir={tmp_path / 'cache'}",
+    cfg = compose_config([*FAST, "train.max_steps=1", f"cache_dir={tmp_path / 'cache'}",
                           "eval.baselines=[student,teacher]", *extra])
     cfg.output_dir = str(tmp_path / "point")
     return cfg
@@ -80,3 +80,26 @@ def test_a_hub_reference_is_read_from_the_local_cache_and_a_missing_one_does_not
     cfg = _cfg(tmp_path, "eval.baselines=[teacher]")
     found = baselines.reference_summary(cfg, {"teacher": "org/absent"}, None, "cpu", {})
     assert list(found) == ["teacher_reference_error"] and "org/absent" in found["teacher_reference_error"]
+    # A new revision of the same id is another reference, not the cached one of the old weights.
+    before = baselines.baseline_folder(cfg, "teacher", "org/tiny")
+    build_tiny_hub_model(snapshot.parent / ("b" * 40))
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("b" * 40)
+    assert baselines.local_folder("org/tiny") == snapshot.parent / ("b" * 40)
+    assert baselines.baseline_folder(cfg, "teacher", "org/tiny") != before
+
+
+def test_a_local_model_saved_again_is_another_reference(tmp_path):
+    """A reference of a local folder is keyed by its weight files too: the same path holding other
+    weights (saved again) is measured again, not read from the old weights' cache."""
+    import os
+
+    from tests.tiny_hub import build_tiny_hub_model
+
+    folder = tmp_path / "model"
+    build_tiny_hub_model(folder)
+    cfg = _cfg(tmp_path, "eval.baselines=[student]")
+    first = baselines.baseline_folder(cfg, "student", str(folder))
+    assert baselines.baseline_folder(cfg, "student", str(folder)) == first  # stable while the files are
+    weights = next(folder.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert baselines.baseline_folder(cfg, "student", str(folder)) != first

@@ -130,7 +130,7 @@ def test_the_lmbda_draws_are_a_function_of_seed_and_step(pair):
 
 
 def _point(tmp_path, name, *extra):
-    cfg = compose_config([*FAST, "logger=disabled", "train.max_steps=2", "eval.baselines=[]",
+    cfg = compose_config([*FAST, "train.max_steps=2", "eval.baselines=[]",
                           f"cache_dir={tmp_path / 'cache'}", *extra])
     cfg.output_dir = str(tmp_path / name)
     return run.main(cfg)

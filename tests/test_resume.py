@@ -87,7 +87,7 @@ def test_handler_is_restored_after_training(setup):
 def test_a_preempted_grid_point_resumes_its_run(tmp_path, monkeypatch):
     """Through run.main: the W&B run id and result.json survive, the metrics equal an uninterrupted run."""
     cache = tmp_path / "cache"
-    overrides = [*FAST, "train.max_steps=4", f"cache_dir={cache}", "logger=disabled"]
+    overrides = [*FAST, "train.max_steps=4", f"cache_dir={cache}"]
 
     def point(out, signal_at=None):
         cfg = compose_config([*overrides, f"output_dir={out}"])
@@ -121,7 +121,7 @@ def test_an_evaluation_interrupted_in_the_training_job_resumes_without_training_
     """The trained state is saved after the last step while the evaluation runs in this job: a point
     stopped during its evaluation is relaunched with no optimizer step left, and its summary equals an
     uninterrupted run's (the per-problem completions come back from eval/<benchmark>.jsonl)."""
-    overrides = [*FAST, "train.max_steps=4", f"cache_dir={tmp_path / 'cache'}", "logger=disabled"]
+    overrides = [*FAST, "train.max_steps=4", f"cache_dir={tmp_path / 'cache'}"]
     reference = run.main(compose_config([*overrides, f"output_dir={tmp_path / 'a'}"]))
     real_evaluate = evaluate.evaluate_model
 
