@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_sweeps.choices import Baseline, values
 from kd_sweeps.identity import NON_IDENTITY_EVAL_KEYS  # where and how the evaluation runs: no completion changes
-from kd_sweeps.tracking import write_json_atomic
+from kd_sweeps.record_files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

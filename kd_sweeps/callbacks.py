@@ -13,7 +13,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from kd_sweeps.tracking import RESULT_FILE, now_iso, read_result
+from kd_sweeps.point_record import RESULT_FILE, read_result
+from kd_sweeps.record_files import now_iso
 
 log = logging.getLogger(__name__)
 MULTIRUN_FILE = "multirun.yaml"  # what Hydra writes into the sweep dir at every launch
@@ -42,7 +43,7 @@ def keep_launch(sweep_dir: Path, when: Optional[dt.datetime] = None) -> Optional
     ``launches/<UTC time>-multirun.yaml``: Hydra overwrites it at the next launch, and the grid
     of a sweep launched in parts is the union of these copies (analysis.grid.expected_grid)."""
     from analysis.grid import LAUNCH_SUFFIX, LAUNCHES_DIR
-    from kd_sweeps.tracking import write_text_atomic
+    from kd_sweeps.record_files import write_text_atomic
 
     source = Path(sweep_dir) / MULTIRUN_FILE
     if not source.is_file():

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
+from kd_sweeps.point_record import PointRecord, read_result
 from kd_sweeps.redact import redact_text, redact_yaml_files
-from kd_sweeps.tracking import PointRecord, read_result
 
 log = logging.getLogger(__name__)
 

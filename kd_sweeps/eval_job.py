@@ -17,7 +17,8 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from kd_sweeps.tracking import PointRecord, Tracker, read_result
+from kd_sweeps.point_record import PointRecord, read_result
+from kd_sweeps.tracking import Tracker
 
 log = logging.getLogger(__name__)
 JOB_DIR = "eval_job"  # submitit's files of the evaluation job, inside the point's folder

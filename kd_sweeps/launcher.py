@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from kd_sweeps.tracking import PointRecord
+from kd_sweeps.point_record import PointRecord
 
 log = logging.getLogger(__name__)
 TIMEOUT_STATES = ("TIMEOUT", "DEADLINE")  # Slurm's states for a job stopped at its time limit

@@ -115,7 +115,7 @@ def _sequence_flops(student: ModelShape, teacher: ModelShape, length: int) -> in
 
 
 def _done(folder: Path | None) -> str:
-    from kd_sweeps.tracking import read_result
+    from kd_sweeps.point_record import read_result
 
     record = read_result(folder) if folder is not None else None
     status = (record or {}).get("status")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_sweeps import baselines, data, distributed, evaluate, models, selection, teacher_cache, teachers, train
 from kd_sweeps.cost import CostMeter, ModelShape
 from kd_sweeps.memory import PeakMemory
-from kd_sweeps.tracking import read_result
+from kd_sweeps.point_record import read_result
 from kd_sweeps.validation import check_topk
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kd_sweeps import distributed, identity
+from kd_sweeps.point_record import RESULT_FILE, PointRecord, read_result
 from kd_sweeps.recipe import PointRecipe
-from kd_sweeps.tracking import RESULT_FILE, PointRecord, Tracker, read_result
+from kd_sweeps.tracking import Tracker
 from kd_sweeps.validation import validate
 
 log = logging.getLogger(__name__)

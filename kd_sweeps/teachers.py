@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from kd_sweeps import distributed, models, teacher_cache, teacher_cache_build
 from kd_sweeps.cost import ModelShape
 from kd_sweeps.data import IGNORE_INDEX
-from kd_sweeps.tracking import RESULT_FILE, read_result
+from kd_sweeps.point_record import RESULT_FILE, read_result
 
 
 class CachedTeacher:

@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-# Not all used here: callers import the record's readers and writers from this module too.
-from kd_sweeps.point_record import RESULT_FILE, PointRecord, read_result, write_result  # noqa: F401
-from kd_sweeps.record_files import file_mode, now_iso, write_json_atomic, write_text_atomic  # noqa: F401
+from kd_sweeps.point_record import PointRecord
 from kd_sweeps.redact import redact
 from kd_sweeps.wandb_naming import wandb_fields
 

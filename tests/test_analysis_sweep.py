@@ -277,7 +277,7 @@ def _fake_point(cfg) -> dict:
     and returns its outcome as the project's launchers expect (no training)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from kd_sweeps.tracking import now_iso
+    from kd_sweeps.record_files import now_iso
 
     out = Path(HydraConfig.get().runtime.output_dir)
     rec = record(out.name, "cot", cfg.trunc, 0.3 + 0.3 * cfg.trunc, flops=1e12 * cfg.trunc)

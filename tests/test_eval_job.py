@@ -14,7 +14,7 @@ import pytest
 from analysis.load import load
 from analysis.wandb_offline import read_runs
 from kd_sweeps import eval_job
-from kd_sweeps.tracking import write_json_atomic
+from kd_sweeps.record_files import write_json_atomic
 from kd_sweeps.validation import ConfigError, validate
 from tests.helpers import FAST_WANDB, launch, point_results
 

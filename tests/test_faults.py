@@ -29,7 +29,7 @@ WRITERS = textwrap.dedent("""
     import os, sys, torch
     from pathlib import Path
     from kd_sweeps.checkpoint import TrainState
-    from kd_sweeps.tracking import write_json_atomic
+    from kd_sweeps.record_files import write_json_atomic
 
     torch.set_num_threads(1)  # no thread pool to carry into the forked writers
     model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256))
@@ -174,7 +174,7 @@ T0 = "2000-01-01T00:00:00+00:00"
 
 
 def test_record_lost_point_keeps_the_run_and_leaves_ok_points(tmp_path):
-    from kd_sweeps.tracking import read_result, write_result
+    from kd_sweeps.point_record import read_result, write_result
 
     write_result(tmp_path / "a", {"run_id": "a", "status": "running", "config": {"trunc": 0.5},
                                   "started_at": T0, "launched_at": T0})

@@ -16,7 +16,9 @@ import pytest
 
 from kd_sweeps.claim import PointClaim, read_holder
 from kd_sweeps.launcher import OUTCOMES, CountsEveryPoint, record_lost_point
-from kd_sweeps.tracking import RESULT_FILE, Tracker, read_result, write_json_atomic, write_result
+from kd_sweeps.point_record import RESULT_FILE, read_result, write_result
+from kd_sweeps.record_files import write_json_atomic
+from kd_sweeps.tracking import Tracker
 from kd_sweeps.validation import sweep_name_problem
 from tests.conftest import ROOT
 from tests.helpers import LoggerCfg

@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from kd_sweeps import data, models, teacher_cache_build
+from kd_sweeps.point_record import RESULT_FILE
 from kd_sweeps.prepare import load_reasoning_dataset
+from kd_sweeps.record_files import write_json_atomic
 from kd_sweeps.sources import SourceError
 from kd_sweeps.synthetic import make_split
 from kd_sweeps.tokenizer import build_tokenizer
-from kd_sweeps.tracking import RESULT_FILE, Tracker, write_json_atomic
 from kd_sweeps.validation import ConfigError, validate
 from tests.conftest import ROOT, compose_config
 from tests.helpers import encoded_split, tiny_model
@@ -368,7 +369,7 @@ def test_a_disk_that_fills_mid_run_fails_clearly_and_keeps_a_readable_result(tmp
 
 
 def test_a_damaged_result_json_makes_the_point_run_again(tmp_path):
-    from kd_sweeps.tracking import read_result
+    from kd_sweeps.point_record import read_result
 
     (tmp_path / RESULT_FILE).write_text('{"run_id": "abc123", "status": "o')  # a copy cut short
     assert read_result(tmp_path) is None  # not "done": run.main trains the point again instead of skipping it

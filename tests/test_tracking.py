@@ -10,7 +10,9 @@ import pytest
 
 from analysis.wandb_offline import read_runs
 from kd_sweeps import identity
-from kd_sweeps.tracking import RESULT_FILE, Tracker, write_json_atomic
+from kd_sweeps.point_record import RESULT_FILE
+from kd_sweeps.record_files import write_json_atomic
+from kd_sweeps.tracking import Tracker
 from kd_sweeps.wandb_naming import grid_keys, point_labels, point_of_wandb_id, run_name, wandb_run_id
 from tests.helpers import LoggerCfg
 

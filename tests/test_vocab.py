@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from kd_sweeps import batch_loss, data, models, train
+from kd_sweeps import batch_loss, data, models
 from kd_sweeps.schema import LossConfig
 from tests.conftest import compose_config
 from tests.tiny_hub import build_tiny_hub_model

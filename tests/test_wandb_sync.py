@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kd_sweeps.tracking import RESULT_FILE, Tracker
+from kd_sweeps.point_record import RESULT_FILE
+from kd_sweeps.tracking import Tracker
 from tests.helpers import LoggerCfg
 
 # The command of docs/launching.md ("Uploading offline runs"), with the sweep folder as {sweep_dir}.
