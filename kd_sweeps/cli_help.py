@@ -44,24 +44,21 @@ def _field_comments(source: str) -> dict[tuple[str, str], str]:
     return found
 
 
+def _schema_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, type, str, type]]:
+    """(dotted key, its class, field name, type) for every field of the schema, depth first."""
+    for name, hint in typing.get_type_hints(cls).items():
+        yield prefix + name, cls, name, hint
+        if dataclasses.is_dataclass(hint):
+            yield from _schema_fields(hint, prefix + name + ".")
+
+
 @lru_cache(maxsize=1)
 def schema_keys() -> dict[str, str]:
     """{dotted key: comment} for every key of the schema, nodes (``train``) and leaves (``train.lr``)."""
     from kd_sweeps import schema
 
     comments = _field_comments(inspect.getsource(schema))
-    keys: dict[str, str] = {}
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for item in dataclasses.fields(cls):
-            key = prefix + item.name
-            keys[key] = comments.get((cls.__name__, item.name), "")
-            if dataclasses.is_dataclass(hints[item.name]):
-                walk(hints[item.name], key + ".")
-
-    walk(schema.Config, "")
-    return keys
+    return {key: comments.get((cls.__name__, name), "") for key, cls, name, _ in _schema_fields(schema.Config)}
 
 
 @lru_cache(maxsize=1)
@@ -74,16 +71,10 @@ def schema_choices() -> dict[str, tuple[str, ...]]:
     from kd_sweeps.choices import values
 
     found: dict[str, tuple[str, ...]] = {}
-
-    def walk(cls: type, prefix: str) -> None:
-        for name, hint in typing.get_type_hints(cls).items():
-            inner = (typing.get_args(hint) or (hint,))[0] if typing.get_origin(hint) is list else hint
-            if isinstance(inner, type) and issubclass(inner, Enum):
-                found[prefix + name] = values(inner)
-            elif dataclasses.is_dataclass(hint):
-                walk(hint, prefix + name + ".")
-
-    walk(schema.Config, "")
+    for key, _, _, hint in _schema_fields(schema.Config):
+        inner = (typing.get_args(hint) or (hint,))[0] if typing.get_origin(hint) is list else hint
+        if isinstance(inner, type) and issubclass(inner, Enum):
+            found[key] = values(inner)
     return found
 
 

@@ -184,7 +184,8 @@ class TrainSteps:
             stop = self.guard.requested
             if self.dist.distributed:
                 stop = distributed.agreed_signal(stop, self.dist)
-            self.guard.requested = stop  # a rank that saw no signal itself hands over another's
+            if stop:  # a rank that saw no signal itself hands over another's (none is never written over)
+                self.guard.requested = stop
             step.stop = bool(stop)
         return step.stop
 
